@@ -1,0 +1,1 @@
+//! Minimal KVM virtual machine monitor (issue 3; under construction).
