@@ -14,4 +14,7 @@ echo 'backend: Agg' > "$root/etc/matplotlib/matplotlibrc"
 chroot "$root" /usr/bin/env MPLCONFIGDIR=/usr/lib/sessiond/mpl /usr/bin/python3 -c \
     'import matplotlib.font_manager' >/dev/null 2>&1 || true
 chmod -R a+rX "$root/usr/lib/sessiond"
+# Sessions use this directory as MPLCONFIGDIR: sticky and world-writable so
+# matplotlib accepts it (each sandbox writes into its own overlay copy).
+chmod 1777 "$root/usr/lib/sessiond/mpl"
 echo sandbox > "$root/etc/hostname"
