@@ -26,6 +26,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Code in the sandbox runs as the agent's uid: without this it could
+    // open /proc/<agent>/mem and take the agent over. Python and shell
+    // children become dumpable again at execve, which is fine.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("sessiond-agent: cannot mark the agent non-dumpable: {e}");
+        return ExitCode::FAILURE;
+    }
     if args.init {
         let fd = match &args.listen {
             Listen::Fd(fd) => Some(*fd),

@@ -1,6 +1,325 @@
 //! `sessiond jail-init`: the single-threaded process that builds one sandbox.
+//!
+//! Started by the daemon with the agent's listening socket on fd 3, the
+//! status pipe on fd 4 and an [`InitSpec`] on stdin. It joins the sandbox's
+//! cgroup leaves, unshares the mount, pid, net, uts, ipc and cgroup
+//! namespaces and forks; the child (PID 1 of the new pid namespace) builds
+//! the file system, drops every privilege and execs the agent, while the
+//! parent waits and exits with the child's status. Killing jail-init kills
+//! the whole sandbox (the child has PDEATHSIG SIGKILL, and when a pid
+//! namespace's PID 1 dies the kernel kills everything in it).
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::{kill, sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+use thiserror::Error;
+
+use super::cloexec_pipe;
+use super::loopback::{self, LoopbackError};
+use super::privileges::{self, PrivilegeError};
+use super::rootfs::{self, RootfsError};
+use super::seccomp::{self, SeccompError};
+use super::spec::{InitSpec, LISTEN_FD, STATUS_FD};
+
+/// Hostname inside every sandbox.
+const HOSTNAME: &str = "sandbox";
+
+#[derive(Debug, Error)]
+pub enum InitError {
+    #[error("reading the spec from stdin")]
+    ReadSpec(#[source] io::Error),
+    #[error("parsing the spec")]
+    ParseSpec(#[source] serde_json::Error),
+    #[error("fd {0} was not inherited from the daemon")]
+    MissingFd(i32),
+    #[error("redirecting stdin to /dev/null")]
+    Stdin(#[source] io::Error),
+    #[error("joining cgroup via {path}")]
+    JoinCgroup {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("unsharing namespaces")]
+    Unshare(#[source] nix::Error),
+    #[error("creating the parent-death pipe")]
+    Pipe(#[source] io::Error),
+    #[error("forking PID 1")]
+    Fork(#[source] nix::Error),
+    #[error("setting the parent-death signal")]
+    DeathSignal(#[source] nix::Error),
+    #[error("jail-init exited before the sandbox started")]
+    ParentGone,
+    #[error("building the file system")]
+    Rootfs(#[from] RootfsError),
+    #[error("setting the hostname")]
+    Hostname(#[source] nix::Error),
+    #[error("bringing up loopback")]
+    Loopback(#[from] LoopbackError),
+    #[error("dropping privileges")]
+    Privileges(#[from] PrivilegeError),
+    #[error("entering {0}")]
+    Chdir(&'static str, #[source] nix::Error),
+    #[error("seccomp")]
+    Seccomp(#[from] SeccompError),
+    #[error("closing inherited file descriptors")]
+    CloseFds(#[source] io::Error),
+    #[error("invalid environment entry {0:?}")]
+    Env(String),
+    #[error("executing the agent {path}")]
+    Exec {
+        path: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+/// The error and its causes on one line.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}
 
 /// Entry point of `sessiond jail-init`; never returns.
 pub fn run() -> ! {
-    std::process::exit(1)
+    let mut id = String::from("?");
+    let code = match supervise(&mut id) {
+        Ok(code) => code,
+        Err(e) => {
+            let msg = chain(&e);
+            eprintln!("sessiond jail-init [{id}]: {msg}");
+            report_status(&msg);
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+/// Best effort: the daemon reads this as the reason spawning failed.
+fn report_status(msg: &str) {
+    // SAFETY: fd 4 is the status pipe (or closed, in which case write fails
+    // with EBADF); ManuallyDrop keeps it open for the caller.
+    let mut f = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(STATUS_FD) });
+    let _ = f.write_all(msg.as_bytes());
+}
+
+fn fd_is_open(fd: i32) -> bool {
+    // SAFETY: F_GETFD only queries the descriptor table.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+}
+
+fn set_cloexec(fd: i32) {
+    // SAFETY: F_SETFD on a descriptor we checked is open; no memory involved.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+}
+
+/// Closes every descriptor from `first` up.
+fn close_from(first: u32) -> io::Result<()> {
+    // SAFETY: close_range(2) with integer arguments; nothing in this
+    // single-threaded process holds the descriptors closed here.
+    if unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Resets every signal to its default action (SIGPIPE too when `pipe`) and
+/// unblocks all: dispositions set to "ignore" and the signal mask survive
+/// exec, and the daemon's or Rust's runtime choices must not leak into the
+/// sandbox, nor hide SIGTERM/SIGCHLD from jail-init.
+fn reset_signals(pipe: bool) {
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    for sig in Signal::iterator() {
+        if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP) || (sig == Signal::SIGPIPE && !pipe) {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL runs no handler code in this process.
+        let _ = unsafe { sigaction(sig, &default) };
+    }
+    let _ = SigSet::all().thread_unblock();
+}
+
+fn supervise(id: &mut String) -> Result<i32, InitError> {
+    // SIGPIPE stays ignored (Rust's default) while jail-init writes to the
+    // daemon's log pipe.
+    reset_signals(false);
+    let mut raw = Vec::new();
+    io::stdin()
+        .read_to_end(&mut raw)
+        .map_err(InitError::ReadSpec)?;
+    let spec: InitSpec = serde_json::from_slice(&raw).map_err(InitError::ParseSpec)?;
+    id.clone_from(&spec.sandbox_id);
+
+    for fd in [LISTEN_FD, STATUS_FD] {
+        if !fd_is_open(fd) {
+            return Err(InitError::MissingFd(fd));
+        }
+    }
+    // The status pipe must close when the agent is exec'd: that is the
+    // daemon's signal that setup succeeded.
+    set_cloexec(STATUS_FD);
+    close_from(STATUS_FD as u32 + 1).map_err(InitError::CloseFds)?;
+    let null = File::open("/dev/null").map_err(InitError::Stdin)?;
+    // SAFETY: dup2 onto stdin with a descriptor we own.
+    if unsafe { libc::dup2(null.as_raw_fd(), 0) } < 0 {
+        return Err(InitError::Stdin(io::Error::last_os_error()));
+    }
+    drop(null);
+
+    let pid = std::process::id().to_string();
+    for path in &spec.cgroup_procs {
+        std::fs::write(path, &pid).map_err(|source| InitError::JoinCgroup {
+            path: path.clone(),
+            source,
+        })?;
+    }
+
+    unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWCGROUP,
+    )
+    .map_err(InitError::Unshare)?;
+
+    // The child learns that jail-init died before PDEATHSIG was armed from
+    // this pipe: its write end closes with jail-init.
+    let (death_r, death_w) = cloexec_pipe().map_err(InitError::Pipe)?;
+
+    // SAFETY: jail-init is single-threaded (dispatched from main before any
+    // thread starts), so the child may run arbitrary code after fork.
+    match unsafe { fork() }.map_err(InitError::Fork)? {
+        ForkResult::Child => {
+            drop(death_w);
+            let err = sandbox_pid1(&spec, death_r);
+            let msg = chain(&err);
+            eprintln!("sessiond jail-init [{}]: {msg}", spec.sandbox_id);
+            report_status(&msg);
+            std::process::exit(1)
+        }
+        ForkResult::Parent { child } => {
+            drop(death_r);
+            // SAFETY: closing our copies of fds 3 and 4, which nothing else
+            // here refers to: only the child and the agent keep them.
+            unsafe {
+                libc::close(LISTEN_FD);
+                libc::close(STATUS_FD);
+            }
+            Ok(wait_for_pid1(child, &spec.sandbox_id))
+        }
+    }
+}
+
+/// Waits for PID 1 and returns the exit code to leave with. SIGTERM (the
+/// daemon's way to destroy the sandbox) kills PID 1 first, so that jail-init,
+/// not the host's init, reaps it and nothing is left as a zombie.
+fn wait_for_pid1(child: Pid, id: &str) -> i32 {
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGCHLD);
+    // Blocked signals stay pending for sigwait below: no race between
+    // checking on the child and waiting for the next event.
+    if let Err(e) = signals.thread_block() {
+        eprintln!("sessiond jail-init [{id}]: blocking signals: {e}");
+    }
+    loop {
+        match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => return code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(e) => {
+                eprintln!("sessiond jail-init [{id}]: waiting for PID 1: {e}");
+                return 1;
+            }
+        }
+        match signals.wait() {
+            Ok(Signal::SIGTERM | Signal::SIGINT) => {
+                let _ = kill(child, Signal::SIGKILL);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("sessiond jail-init [{id}]: waiting for signals: {e}");
+                return 1;
+            }
+        }
+    }
+}
+
+/// PID 1 of the sandbox: returns only on failure.
+fn sandbox_pid1(spec: &InitSpec, death_r: OwnedFd) -> InitError {
+    match build_and_exec(spec, death_r) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+fn build_and_exec(
+    spec: &InitSpec,
+    death_r: OwnedFd,
+) -> Result<std::convert::Infallible, InitError> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(InitError::DeathSignal)?;
+    // getppid() is 0 for PID 1 of a new namespace, so check the pipe instead.
+    let mut pfd = libc::pollfd {
+        fd: death_r.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one pollfd we own, without waiting.
+    if unsafe { libc::poll(&mut pfd, 1, 0) } > 0 && pfd.revents != 0 {
+        return Err(InitError::ParentGone);
+    }
+    drop(death_r);
+
+    rootfs::build(spec)?;
+    nix::unistd::sethostname(HOSTNAME).map_err(InitError::Hostname)?;
+    loopback::bring_up()?;
+
+    let env = spec
+        .env
+        .iter()
+        .map(|(k, v)| {
+            let entry = format!("{k}={v}");
+            if k.is_empty() || k.contains('=') {
+                return Err(InitError::Env(entry));
+            }
+            CString::new(entry.clone()).map_err(|_| InitError::Env(entry))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let path = CString::new(rootfs::AGENT_PATH).expect("constant has no NUL");
+    let argv = [
+        path.clone(),
+        CString::new("--init").expect("constant has no NUL"),
+        CString::new("--listen-fd").expect("constant has no NUL"),
+        CString::new(LISTEN_FD.to_string()).expect("digits have no NUL"),
+    ];
+    let filters = seccomp::sandbox_filters()?;
+
+    privileges::drop_to(spec.uid, spec.gid)?;
+    nix::unistd::chdir(sessiond_agent::proto::DATA_DIR)
+        .map_err(|e| InitError::Chdir(sessiond_agent::proto::DATA_DIR, e))?;
+    close_from(STATUS_FD as u32 + 1).map_err(InitError::CloseFds)?;
+    reset_signals(true);
+    seccomp::install(&filters)?;
+    match nix::unistd::execve(&path, &argv, &env) {
+        Ok(never) => match never {},
+        Err(source) => Err(InitError::Exec {
+            path: rootfs::AGENT_PATH,
+            source,
+        }),
+    }
 }
