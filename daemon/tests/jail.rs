@@ -626,3 +626,21 @@ async fn many_sandboxes_start_in_parallel_with_distinct_uids() {
         .count();
     assert_eq!(left, 0);
 }
+
+// TEMP-PROBE (removed before hand-off)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn zz_probe() {
+    let Some(backend) = backend("probe", 9) else {
+        return;
+    };
+    let sandbox = start(&backend, "probe", limits()).await;
+    let script = std::fs::read_to_string("/tmp/probe.sh").unwrap();
+    let r = sh(&sandbox, &script).await;
+    println!("=== status {:?} exit {:?}\n--- stdout\n{}\n--- stderr\n{}", r.status, r.exit_code, r.stdout, r.stderr);
+    if let Ok(host) = std::fs::read_to_string("/tmp/probe-host.sh") {
+        let o = std::process::Command::new("sh").arg("-c").arg(host).env("UID_", sandbox.uid().unwrap().to_string()).env("SOCK", sandbox.agent_socket()).output().unwrap();
+        println!("--- host\n{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    }
+    sandbox.destroy().await.unwrap();
+}
