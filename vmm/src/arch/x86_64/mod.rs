@@ -1,0 +1,6 @@
+//! x86_64 machine: guest physical layout, boot-time tables and vCPU register setup.
+
+pub mod boot;
+pub mod gdt;
+pub mod layout;
+pub mod regs;

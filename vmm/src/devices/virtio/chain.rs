@@ -1,0 +1,65 @@
+//! Validation of the descriptor chains a guest offers. Nothing a guest writes into a
+//! virtqueue is trusted: every descriptor must lie inside guest memory, chains must end
+//! (no loops, bounded length), and the total length is bounded.
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+
+/// Longest chain accepted (Linux never builds longer ones for the devices emulated here).
+pub const MAX_CHAIN_LEN: usize = 256;
+/// Largest total payload of one chain.
+pub const MAX_CHAIN_BYTES: u64 = 16 << 20;
+
+/// How a chain broke the rules.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    #[error("descriptor {index} ({addr:#x}+{len:#x}) is outside guest memory")]
+    OutOfRange { index: usize, addr: u64, len: u32 },
+    #[error("the chain does not end: a loop, a bad next index or an unreadable descriptor")]
+    Unterminated,
+    #[error("the chain is longer than {MAX_CHAIN_LEN} descriptors")]
+    TooLong,
+    #[error("the chain carries {0} bytes, more than {MAX_CHAIN_BYTES}")]
+    TooBig(u64),
+    #[error("the available ring is invalid: {0}")]
+    AvailRing(String),
+    #[error("writing the used ring: {0}")]
+    UsedRing(String),
+    #[error("the request has no {0}")]
+    Missing(&'static str),
+}
+
+/// Walks a chain and checks every descriptor; returns the descriptors in order.
+pub fn validate(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+) -> Result<Vec<Descriptor>, ChainError> {
+    let mut descs = Vec::new();
+    let mut total = 0u64;
+    // virtio-queue stops iterating on a loop (its TTL), an out-of-range next index or an
+    // unreadable descriptor; the only way to tell that apart from a proper end is that the
+    // last descriptor still says "next".
+    for desc in chain {
+        if descs.len() == MAX_CHAIN_LEN {
+            return Err(ChainError::TooLong);
+        }
+        let index = descs.len();
+        if !GuestMemoryBackend::check_range(mem, desc.addr(), desc.len() as usize) {
+            return Err(ChainError::OutOfRange {
+                index,
+                addr: desc.addr().0,
+                len: desc.len(),
+            });
+        }
+        total += u64::from(desc.len());
+        if total > MAX_CHAIN_BYTES {
+            return Err(ChainError::TooBig(total));
+        }
+        descs.push(desc);
+    }
+    match descs.last() {
+        Some(last) if !last.has_next() => Ok(descs),
+        _ => Err(ChainError::Unterminated),
+    }
+}

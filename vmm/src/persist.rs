@@ -1,0 +1,328 @@
+//! Snapshots: guest memory to one file (sparse), everything else to a versioned, checksummed
+//! state file; restore maps the memory file copy-on-write so many clones share its pages and
+//! restore time does not depend on the guest's size.
+//!
+//! State file layout (little-endian):
+//! `magic "SESSDVMS" | version u32 | payload length u64 | crc32 of payload u32 | payload (JSON)`.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::builder::{self, BuildError};
+use crate::devices::legacy::serial::{SerialOut, SerialSnapshot};
+use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::mmio::MmioSnapshot;
+use crate::devices::virtio::net::{parse_mac, Net, NetError};
+use crate::devices::virtio::vsock::{Vsock, VsockError};
+use crate::devices::virtio::VirtioDevice;
+use crate::microvm::{MicroVm, MicroVmError, VirtioDeviceConfig};
+use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuState};
+use crate::vstate::vm::{Vm, VmError, VmState};
+
+/// First bytes of every state file.
+pub const STATE_MAGIC: [u8; 8] = *b"SESSDVMS";
+/// The state format this build writes and the only one it reads.
+pub const STATE_VERSION: u32 = 1;
+const HEADER_LEN: usize = 8 + 4 + 8 + 4;
+
+/// Why a snapshot could not be written or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("the VM must be paused to snapshot it")]
+    NotPaused,
+    #[error("saving vCPU state")]
+    Vcpus(#[source] MicroVmError),
+    #[error("reading VM state")]
+    Vm(#[from] VmError),
+    #[error("vCPU state")]
+    Vcpu(#[from] VcpuError),
+    #[error("guest memory")]
+    Memory(#[from] MemoryError),
+    #[error("{what} {path:?}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0:?} is not a sessiond VM state file (bad magic)")]
+    BadMagic(PathBuf),
+    #[error(
+        "{path:?} has state format version {found}; this build reads only version {STATE_VERSION}"
+    )]
+    Version { path: PathBuf, found: u32 },
+    #[error("{path:?} is truncated: header says {expected} payload bytes, {actual} present")]
+    Truncated {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{path:?} is corrupted: checksum {actual:#010x}, header says {expected:#010x}")]
+    Checksum {
+        path: PathBuf,
+        expected: u32,
+        actual: u32,
+    },
+    #[error("decoding the state in {path:?}")]
+    Decode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the state has {0} vCPUs; at least one is needed")]
+    NoVcpus(usize),
+    #[error("reopening a disk")]
+    Block(#[from] BlockError),
+    #[error("recreating the vsock device")]
+    Vsock(#[from] VsockError),
+    #[error("reattaching a tap")]
+    Net(#[from] NetError),
+    #[error("rebuilding the VM")]
+    Build(#[from] BuildError),
+}
+
+/// Everything but guest memory.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MicroVmState {
+    /// Guest RAM size; the memory file must be exactly this long.
+    pub mem_size: u64,
+    /// MSRs saved per vCPU (kept so a clone can be snapshotted again).
+    pub msr_list: Vec<u32>,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub serial: SerialSnapshot,
+    pub virtio: Vec<VirtioSnapshot>,
+}
+
+/// A virtio device: how to rebuild it and its transport's registers and queues.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtioSnapshot {
+    pub config: VirtioDeviceConfig,
+    pub transport: MmioSnapshot,
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
+    move |source| SnapshotError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Encodes `state` with its header.
+pub fn encode_state(state: &MicroVmState) -> Vec<u8> {
+    let payload = serde_json::to_vec(state).expect("VM state always serializes");
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&STATE_MAGIC);
+    out.extend_from_slice(&STATE_VERSION.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Checks the header, length and checksum of a state file's bytes, then decodes it.
+pub fn decode_state(bytes: &[u8], path: &Path) -> Result<MicroVmState, SnapshotError> {
+    if bytes.len() < 8 || bytes[..8] != STATE_MAGIC {
+        return Err(SnapshotError::BadMagic(path.to_path_buf()));
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(SnapshotError::Truncated {
+            path: path.to_path_buf(),
+            expected: HEADER_LEN as u64,
+            actual: bytes.len() as u64,
+        });
+    }
+    let word = |r: std::ops::Range<usize>| {
+        let mut b = [0u8; 8];
+        b[..r.len()].copy_from_slice(&bytes[r]);
+        u64::from_le_bytes(b)
+    };
+    let version = word(8..12) as u32;
+    if version != STATE_VERSION {
+        return Err(SnapshotError::Version {
+            path: path.to_path_buf(),
+            found: version,
+        });
+    }
+    let len = word(12..20);
+    let expected_crc = word(20..24) as u32;
+    let payload = &bytes[HEADER_LEN..];
+    if payload.len() as u64 != len {
+        return Err(SnapshotError::Truncated {
+            path: path.to_path_buf(),
+            expected: len,
+            actual: payload.len() as u64,
+        });
+    }
+    let actual = crc32fast::hash(payload);
+    if actual != expected_crc {
+        return Err(SnapshotError::Checksum {
+            path: path.to_path_buf(),
+            expected: expected_crc,
+            actual,
+        });
+    }
+    serde_json::from_slice(payload).map_err(|source| SnapshotError::Decode {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl MicroVm {
+    /// Writes guest memory to `mem_path` and the rest of the VM to `state_path`. The VM must
+    /// be paused; it stays paused.
+    pub fn snapshot(&mut self, mem_path: &Path, state_path: &Path) -> Result<(), SnapshotError> {
+        if !self.is_paused() {
+            return Err(SnapshotError::NotPaused);
+        }
+        let vcpus = self.save_vcpus().map_err(SnapshotError::Vcpus)?;
+        let state = MicroVmState {
+            mem_size: memory::size(self.memory()),
+            msr_list: self.msr_list.to_vec(),
+            vm: self.vm.save_state()?,
+            vcpus,
+            serial: self
+                .devices
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .snapshot(),
+            virtio: self
+                .devices
+                .virtio
+                .iter()
+                .map(|slot| VirtioSnapshot {
+                    config: slot.config.clone(),
+                    transport: slot
+                        .transport
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .snapshot(),
+                })
+                .collect(),
+        };
+        let mut mem_file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(mem_path)
+            .map_err(io("creating", mem_path))?;
+        memory::dump(self.memory(), &mut mem_file)?;
+        // Write then rename, so a crash never leaves a half-written state file under the name.
+        let tmp = state_path.with_extension("tmp");
+        let mut f = File::create(&tmp).map_err(io("creating", &tmp))?;
+        f.write_all(&encode_state(&state))
+            .and_then(|()| f.sync_all())
+            .map_err(io("writing", &tmp))?;
+        std::fs::rename(&tmp, state_path).map_err(io("renaming into", state_path))?;
+        Ok(())
+    }
+}
+
+/// What to restore and where the clone's console goes.
+pub struct RestoreSpec<'a> {
+    pub state_path: &'a Path,
+    pub mem_path: &'a Path,
+    pub serial: SerialOut,
+    /// Host socket for the clone's vsock device (each clone needs its own); None reuses the
+    /// snapshot's path.
+    pub vsock_uds_path: Option<&'a Path>,
+    /// Confine the VMM's threads with seccomp (see [`crate::seccomp`]; kills the process on
+    /// a violation, so only for a process running one VM).
+    pub seccomp: bool,
+}
+
+/// Rebuilds a microVM from a snapshot, paused exactly where the original was. Guest memory is
+/// the memory file mapped MAP_PRIVATE: nothing is read up front, and pages the clone never
+/// writes stay shared with every other clone through the page cache.
+pub fn restore(spec: RestoreSpec<'_>) -> Result<MicroVm, SnapshotError> {
+    let bytes = std::fs::read(spec.state_path).map_err(io("reading", spec.state_path))?;
+    let state = decode_state(&bytes, spec.state_path)?;
+    if state.vcpus.is_empty() {
+        return Err(SnapshotError::NoVcpus(0));
+    }
+    let mem_file = File::open(spec.mem_path).map_err(io("opening", spec.mem_path))?;
+    let mem = memory::from_file(&mem_file, state.mem_size)?;
+    let vm = Vm::new(mem)?;
+    vm.restore_state(&state.vm)?;
+    let (pio, serial) = builder::legacy_devices(&vm, spec.serial, Some(&state.serial))?;
+    let mut virtio = Vec::new();
+    for v in &state.virtio {
+        let mut config = v.config.clone();
+        let device: Box<dyn VirtioDevice> = match &mut config {
+            VirtioDeviceConfig::Block(b) => Box::new(Block::open(&b.path, b.read_only)?),
+            VirtioDeviceConfig::Vsock(vs) => {
+                if let Some(path) = spec.vsock_uds_path {
+                    vs.uds_path = path.to_path_buf();
+                }
+                let mut dev = Vsock::new(vs.guest_cid, &vs.uds_path)?;
+                dev.after_restore();
+                Box::new(dev)
+            }
+            VirtioDeviceConfig::Net(n) => Box::new(Net::new(&n.tap_name, parse_mac(&n.mac)?)?),
+        };
+        virtio.push((config, device));
+    }
+    let transports: Vec<MmioSnapshot> = state.virtio.iter().map(|v| v.transport.clone()).collect();
+    let (mmio, devices) = builder::virtio_devices(&vm, virtio, Some(&transports), spec.seccomp)?;
+    let msr_list = Arc::new(state.msr_list);
+    let mut vcpus = Vec::new();
+    for vs in &state.vcpus {
+        let vcpu = Vcpu::new(&vm, vs.id, pio.clone(), mmio.clone(), msr_list.clone())?;
+        vcpu.restore_state(vs)?;
+        vcpus.push(vcpu);
+    }
+    Ok(builder::start(
+        vm,
+        vcpus,
+        devices.with_serial(serial),
+        msr_list,
+        spec.seccomp,
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_errors_are_specific() {
+        let p = Path::new("/snap/state");
+        assert!(matches!(
+            decode_state(b"nope", p),
+            Err(SnapshotError::BadMagic(_))
+        ));
+        let mut bytes = STATE_MAGIC.to_vec();
+        bytes.extend_from_slice(&2u32.to_le_bytes());
+        bytes.extend_from_slice(&2u64.to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(b"{}").to_le_bytes());
+        bytes.extend_from_slice(b"{}");
+        let Err(e) = decode_state(&bytes, p) else {
+            panic!("version 2 accepted")
+        };
+        assert_eq!(
+            e.to_string(),
+            "\"/snap/state\" has state format version 2; this build reads only version 1"
+        );
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        bytes[HEADER_LEN] = b'[';
+        assert!(matches!(
+            decode_state(&bytes, p),
+            Err(SnapshotError::Checksum { .. })
+        ));
+        bytes.pop();
+        assert!(matches!(
+            decode_state(&bytes, p),
+            Err(SnapshotError::Truncated { .. })
+        ));
+    }
+}

@@ -1,0 +1,85 @@
+//! Shared helpers for the VMM integration tests: build a tiny guest with gcc, skip where
+//! /dev/kvm is missing, read a serial log.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Returns false (after printing why) when this host has no usable /dev/kvm.
+pub fn kvm_available(test: &str) -> bool {
+    let cap = vmm::detect();
+    if !cap.dev_kvm_usable {
+        eprintln!("skipping {test}: {}", cap.summary);
+        return false;
+    }
+    true
+}
+
+/// A scratch directory removed when the test passes (kept after a failure, for debugging).
+pub struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(test: &str) -> Scratch {
+    // Integration tests get a target-local temp dir; examples sharing this file do not.
+    let base = option_env!("CARGO_TARGET_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("vmm-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    Scratch(dir)
+}
+
+/// Compiles `tests/guests/<name>.c` into a freestanding ELF entered at 1 MiB in 64-bit mode.
+pub fn build_guest(name: &str, out_dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests");
+    let out = out_dir.join(format!("{name}.elf"));
+    let status = Command::new("gcc")
+        .args([
+            "-ffreestanding",
+            "-nostdlib",
+            "-static",
+            "-no-pie",
+            "-fno-pie",
+            "-mgeneral-regs-only",
+            "-mno-sse",
+            "-mno-red-zone",
+            "-fno-stack-protector",
+            "-fno-asynchronous-unwind-tables",
+            // No endbr64: KVM's instruction emulator may not know it.
+            "-fcf-protection=none",
+            "-O2",
+            "-Wl,--build-id=none",
+            "-Wl,-z,max-page-size=4096",
+            "-Wl,--no-warn-rwx-segments",
+        ])
+        .arg(format!("-Wl,-T,{}", src.join("guest.ld").display()))
+        .arg(src.join(format!("{name}.c")))
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .expect("running gcc (needed to build the test guests)");
+    assert!(status.success(), "gcc failed to build guest {name}");
+    out
+}
+
+/// The serial log, or "" if nothing was written.
+pub fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}

@@ -1,0 +1,66 @@
+/*
+ * Freestanding helpers for the VMM's test guests. The guests run in 64-bit kernel mode with
+ * the boot page tables identity-mapping low memory; on software-assisted KVM every
+ * instruction here is emulated, so keep loops short and avoid int3, popcnt, cmpxchg16b, x87
+ * and SSE (the build flags forbid the last two).
+ */
+#ifndef GUEST_H
+#define GUEST_H
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long u64;
+
+#define COM1 0x3f8
+#define EXIT_PORT 0x501
+
+/* Host <-> guest mailboxes in guest RAM, away from the kernel image and boot tables. */
+#define MAILBOX ((volatile u64 *)0x300000)  /* host writes input here */
+#define PROGRESS ((volatile u64 *)0x300008) /* guest reports its loop counter here */
+
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port)
+{
+    u8 v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+
+static void serial_putc(char c)
+{
+    /* Wait for THR empty (line status bit 5), as a real driver would. */
+    while (!(inb(COM1 + 5) & 0x20))
+        ;
+    outb(COM1, (u8)c);
+}
+
+static void serial_puts(const char *s)
+{
+    while (*s)
+        serial_putc(*s++);
+}
+
+static void serial_hex(u64 v)
+{
+    serial_puts("0x");
+    for (int shift = 60; shift >= 0; shift -= 4)
+        serial_putc("0123456789abcdef"[(v >> shift) & 0xf]);
+}
+
+static __attribute__((noreturn)) void guest_exit(u32 status)
+{
+    outl(EXIT_PORT, status);
+    for (;;)
+        __asm__ volatile("hlt");
+}
+
+void main(void);
+
+__attribute__((section(".text.start"), naked, noreturn)) void _start(void)
+{
+    __asm__ volatile("call main\n1: hlt\njmp 1b");
+}
+
+#endif
