@@ -25,6 +25,15 @@ const UPLOAD_TMP_PREFIX: &str = ".sessiond-upload-";
 /// Bounds on a listing, so a hostile tree cannot make it unbounded.
 const MAX_DEPTH: usize = 64;
 const MAX_ENTRIES: usize = 100_000;
+/// Total bytes of the names listed: 100 000 entries of 64 nested 255-byte
+/// names would be 1.6 GB, far past what the daemon reads back (64 MiB).
+const MAX_LIST_NAME_BYTES: usize = 16 << 20;
+
+/// What a listing may still hold.
+struct ListBudget {
+    entries: usize,
+    name_bytes: usize,
+}
 
 static UPLOAD_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -300,7 +309,11 @@ impl DataDir {
             .open_beneath(".", OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
             .map_err(|e| lookup_error("open", ".", e))?;
         let mut out = Vec::new();
-        walk(&root, "", 0, &mut out)?;
+        let mut budget = ListBudget {
+            entries: MAX_ENTRIES,
+            name_bytes: MAX_LIST_NAME_BYTES,
+        };
+        walk(&root, "", 0, &mut out, &mut budget)?;
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
@@ -311,6 +324,7 @@ fn walk(
     prefix: &str,
     depth: usize,
     out: &mut Vec<FileEntry>,
+    budget: &mut ListBudget,
 ) -> Result<(), FilesError> {
     if depth > MAX_DEPTH {
         return Ok(());
@@ -318,7 +332,7 @@ fn walk(
     let show = if prefix.is_empty() { "." } else { prefix };
     let entries = rustix::fs::Dir::read_from(dir).map_err(|e| lookup_error("list", show, e))?;
     for entry in entries {
-        if out.len() >= MAX_ENTRIES {
+        if budget.entries == 0 {
             return Ok(());
         }
         let Ok(entry) = entry else { continue };
@@ -341,15 +355,23 @@ fn walk(
             continue;
         };
         match FileType::from_raw_mode(st.st_mode) {
-            FileType::RegularFile => out.push(FileEntry {
-                name,
-                size: st.st_size as u64,
-                last_modified: rfc3339(st.st_mtime, st.st_mtime_nsec as u32),
-            }),
+            FileType::RegularFile => {
+                let Some(left) = budget.name_bytes.checked_sub(name.len()) else {
+                    budget.entries = 0;
+                    return Ok(());
+                };
+                budget.name_bytes = left;
+                budget.entries -= 1;
+                out.push(FileEntry {
+                    name,
+                    size: st.st_size as u64,
+                    last_modified: rfc3339(st.st_mtime, st.st_mtime_nsec as u32),
+                })
+            }
             FileType::Directory => {
                 let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
                 if let Ok(sub) = rustix::fs::openat(dir, raw, flags, Mode::empty()) {
-                    walk(&sub, &name, depth + 1, out)?;
+                    walk(&sub, &name, depth + 1, out, budget)?;
                 }
             }
             _ => {}
@@ -520,6 +542,30 @@ mod tests {
             d.delete(&rel("nope")),
             Err(FilesError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn listing_stops_at_its_name_budget() {
+        let t = TempDir::new("budget");
+        let data = t.0.join("data");
+        let long = "n".repeat(200);
+        let deep = data.join(&long).join(&long);
+        std::fs::create_dir_all(&deep).unwrap();
+        for i in 0..50 {
+            std::fs::write(deep.join(format!("{long}{i}")), "x").unwrap();
+        }
+        let d = DataDir::open(&data).unwrap();
+        assert_eq!(d.list().unwrap().len(), 50);
+        let root = d
+            .open_beneath(".", OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
+            .unwrap();
+        let mut out = Vec::new();
+        let mut budget = ListBudget {
+            entries: MAX_ENTRIES,
+            name_bytes: 10 * 610,
+        };
+        walk(&root, "", 0, &mut out, &mut budget).unwrap();
+        assert_eq!(out.len(), 10);
     }
 
     #[test]

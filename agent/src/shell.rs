@@ -19,6 +19,14 @@ use crate::proto::{
 /// it backgrounded still holds open.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(200);
 
+/// Makes a shell command the memory cgroup OOM killer's first choice, as
+/// the Python runner does for itself, so that when a command fills the
+/// sandbox's memory (tmpfs included) the agent, which reports what happened,
+/// goes last. The command does it itself after exec: the agent cannot, as
+/// its children's /proc files are not writable by it before they exec.
+const OOM_FIRST_WRAPPER: &str =
+    "{ echo 1000 > /proc/self/oom_score_adj; } 2>/dev/null; exec /bin/sh -c \"$1\"";
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ShellError {
     #[error("give exactly one of `command` and `argv`")]
@@ -36,8 +44,10 @@ pub async fn run(
 ) -> Result<ShellResponse, ShellError> {
     let mut cmd = match (&req.command, &req.argv) {
         (Some(c), None) => {
+            // The command runs as `/bin/sh -c c` would (same $0, exit code
+            // and pid, through exec); the wrapper only raises its score.
             let mut cmd = Command::new("/bin/sh");
-            cmd.arg("-c").arg(c);
+            cmd.args(["-c", OOM_FIRST_WRAPPER, "/bin/sh", c]);
             cmd
         }
         (None, Some(argv)) => {

@@ -94,3 +94,20 @@ async fn output_cap_and_bad_requests() {
         assert_eq!(r.json()["code"], json!("BadRequest"));
     }
 }
+
+#[tokio::test]
+async fn commands_run_as_plain_sh_c_but_go_first_on_oom() {
+    let a = Agent::start("shell-oom").await;
+    let r = a
+        .sh(json!({"command": "echo \"$0|$#|$1\"; cat /proc/self/oom_score_adj /proc/$$/oom_score_adj"}))
+        .await;
+    assert_eq!(r.exit_code, Some(0), "{r:?}");
+    assert_eq!(r.stdout, "/bin/sh|0|\n1000\n1000\n");
+    assert_eq!(r.stderr, "");
+    // Quoting, syntax errors and exit codes are the command's own.
+    let r = a.sh(json!({"command": "printf '%s' \"it's\" '$1'"})).await;
+    assert_eq!(r.stdout, "it's$1");
+    let r = a.sh(json!({"command": "if then"})).await;
+    assert_eq!(r.exit_code, Some(2));
+    assert!(r.stderr.contains("Syntax error"), "{}", r.stderr);
+}

@@ -14,7 +14,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use jail::{JailBackend, JailConfig, JailSandbox, JailSpec, SandboxLimits};
-use sessiond_agent::proto::{ExecStatus, ShellRequest, ShellResponse};
+use sessiond_agent::proto::{
+    ExecStatus, PythonRequest, PythonResponse, ShellRequest, ShellResponse,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MIB: u64 = 1024 * 1024;
@@ -339,7 +341,6 @@ except OSError as e:
             .to_owned()
     };
     assert!(opts("/proc/sys").starts_with("ro,"));
-    assert!(opts("/usr/lib/sessiond/sessiond-agent").starts_with("ro,"));
     assert!(opts("/").contains("nosuid"));
     assert_eq!(
         out(&sandbox, "ls /dev | tr '\\n' ' '").await,
@@ -627,20 +628,368 @@ async fn many_sandboxes_start_in_parallel_with_distinct_uids() {
     assert_eq!(left, 0);
 }
 
-// TEMP-PROBE (removed before hand-off)
+/// Runs `code` in its own python3 process; returns "exit=<code>" then stdout.
+fn python_rc(code: &str) -> String {
+    format!("python3 - <<'EOF'; echo \"exit=$?\"\n{code}\nEOF")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
-async fn zz_probe() {
-    let Some(backend) = backend("probe", 9) else {
+async fn hostile_code_finds_no_host_paths_fds_sockets_or_syscalls() {
+    let Some(backend) = backend("hostile", 7) else {
         return;
     };
-    let sandbox = start(&backend, "probe", limits()).await;
-    let script = std::fs::read_to_string("/tmp/probe.sh").unwrap();
-    let r = sh(&sandbox, &script).await;
-    println!("=== status {:?} exit {:?}\n--- stdout\n{}\n--- stderr\n{}", r.status, r.exit_code, r.stdout, r.stderr);
-    if let Ok(host) = std::fs::read_to_string("/tmp/probe-host.sh") {
-        let o = std::process::Command::new("sh").arg("-c").arg(host).env("UID_", sandbox.uid().unwrap().to_string()).env("SOCK", sandbox.agent_socket()).output().unwrap();
-        println!("--- host\n{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let env = test_env().unwrap();
+    let sandbox = start(&backend, "hostile", limits()).await;
+    let uid = sandbox.uid().unwrap();
+
+    // Mounts: only the sandbox's own file systems, no host path, disk or
+    // devtmpfs named anywhere (the agent is exec'd through a descriptor).
+    let mountinfo = out(&sandbox, "cat /proc/self/mountinfo").await;
+    for line in mountinfo.lines() {
+        let fstype = line.split(" - ").nth(1).and_then(|r| r.split(' ').next());
+        assert!(
+            matches!(fstype, Some("overlay" | "tmpfs" | "proc")),
+            "host file system visible: {line}"
+        );
     }
+    for host in [
+        env.rootfs.to_str().unwrap(),
+        env.agent.to_str().unwrap(),
+        "/run/sessiond-test",
+        "devtmpfs",
+    ] {
+        assert!(!mountinfo.contains(host), "{host} in:\n{mountinfo}");
+    }
+    assert_eq!(
+        out(
+            &sandbox,
+            "test -e /usr/lib/sessiond/sessiond-agent || echo absent"
+        )
+        .await,
+        "absent"
+    );
+    assert_eq!(
+        out(&sandbox, "stat -c '%F %t:%T %a' /dev/null /dev/urandom").await,
+        "character special file 1:3 666\ncharacter special file 1:9 666"
+    );
+
+    // Descriptors: the shell and the Python interpreter hold nothing but
+    // pipes and /dev/null; the agent's listening socket never leaks.
+    let fds = out(
+        &sandbox,
+        "for p in $$ $(pgrep -f 'python3 -E'); do for f in /proc/$p/fd/*; do echo $p $(readlink $f); done; done",
+    )
+    .await;
+    assert!(fds.contains("pipe:"), "{fds}");
+    for line in fds.lines() {
+        let target = line.split(' ').nth(1).unwrap_or("");
+        assert!(
+            target.starts_with("pipe:")
+                || target == "/dev/null"
+                || target.starts_with("/proc/")
+                || target.starts_with("/usr/")
+                || target.starts_with("/memfd:sessiond-"),
+            "unexpected descriptor {line}\n{fds}"
+        );
+    }
+
+    // Abstract Unix sockets live in the network namespace: the host's are
+    // out of reach.
+    let name = format!("sessiond-jail-test-{}", std::process::id());
+    let addr =
+        <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(
+            name.as_bytes(),
+        )
+        .unwrap();
+    let host = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    let probe = python(&format!(
+        r#"
+import socket
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect("\0{name}")
+    print("connected")
+except OSError as e:
+    print("errno", e.errno)
+"#
+    ));
+    assert_eq!(out(&sandbox, &probe).await, "errno 111");
+    drop(host);
+
+    // The agent cannot be taken over: not its memory, not its descriptors.
+    let takeover = python(
+        r#"
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+agent = os.getppid()
+while not open(f"/proc/{agent}/cmdline", "rb").read().startswith(b"/usr/lib/sessiond/"):
+    agent = int(open(f"/proc/{agent}/stat").read().rsplit(")", 1)[1].split()[1])
+for pid in (1, agent):
+    for what in ("mem", "fd/3", "environ"):
+        try:
+            open(f"/proc/{pid}/{what}", "rb").read(1)
+            print(pid, what, "open")
+        except OSError as e:
+            print(pid, what, e.errno)
+fd = libc.syscall(434, agent, 0)
+print("pidfd_getfd", libc.syscall(438, fd, 3, 0), ctypes.get_errno())
+"#,
+    );
+    let seen = out(&sandbox, &takeover).await;
+    let mut lines = seen.lines();
+    for _ in 0..6 {
+        let line = lines.next().unwrap();
+        assert!(line.ends_with(" 13"), "agent readable: {line}\n{seen}");
+    }
+    assert_eq!(lines.next(), Some("pidfd_getfd -1 1"), "{seen}");
+
+    // setuid binaries exist in the image but give no privilege.
+    let suid: u32 = out(&sandbox, "find /usr -xdev -perm -4000 -type f | wc -l")
+        .await
+        .parse()
+        .unwrap();
+    assert!(suid > 0, "the image has no setuid binary to test with");
+    let r = sh(&sandbox, "mount -t tmpfs none /tmp").await;
+    assert_ne!(r.exit_code, Some(0));
+    assert!(r.stderr.contains("must be superuser"), "{}", r.stderr);
+    let r = sh(&sandbox, "su -c id root </dev/null").await;
+    assert_ne!(r.exit_code, Some(0));
+    assert!(!r.stdout.contains("uid=0"), "{r:?}");
+
+    // Kernel surface: denied with EPERM, no terminal to inject into.
+    let denied = python(
+        r#"
+import ctypes, fcntl, os, termios
+libc = ctypes.CDLL(None, use_errno=True)
+for name, nr in [("io_uring_setup", 425), ("userfaultfd", 323), ("perf_event_open", 298),
+                 ("keyctl", 250), ("add_key", 248), ("bpf", 321), ("kcmp", 312)]:
+    r = libc.syscall(nr, 0, 0, 0, 0, 0)
+    print(name, r, ctypes.get_errno())
+r, w = os.pipe()
+try:
+    fcntl.ioctl(r, termios.TIOCSTI, b"x")
+    print("TIOCSTI ok")
+except OSError as e:
+    print("TIOCSTI", e.errno)
+try:
+    os.open("/dev/tty", os.O_RDWR)
+    print("tty ok")
+except OSError as e:
+    print("tty", e.errno)
+"#,
+    );
+    assert_eq!(
+        out(&sandbox, &denied).await,
+        "io_uring_setup -1 1\nuserfaultfd -1 1\nperf_event_open -1 1\nkeyctl -1 1\n\
+         add_key -1 1\nbpf -1 1\nkcmp -1 1\nTIOCSTI 1\ntty 6"
+    );
+    // Other syscall ABIs: an x32 number gets ENOSYS; a 32-bit `int 0x80`
+    // kills the process (seccomp's architecture check) before any syscall.
+    let abi = python_rc(
+        r#"
+import ctypes, mmap
+libc = ctypes.CDLL(None, use_errno=True)
+print("x32", libc.syscall(39 | 0x40000000), ctypes.get_errno(), flush=True)
+code = bytes([0xb8, 20, 0, 0, 0, 0xcd, 0x80, 0xc3])  # mov eax, 20 (getpid); int 0x80; ret
+m = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+m.write(code)
+f = ctypes.CFUNCTYPE(ctypes.c_long)(ctypes.addressof(ctypes.c_char.from_buffer(m)))
+print("int80", f())
+"#,
+    );
+    assert_eq!(out(&sandbox, &abi).await, "x32 -1 38\nexit=159");
+
+    // The interpreter's original stderr (saved while a cell runs) is the
+    // daemon's log pipe: 128 MiB without a newline written there must not
+    // grow the daemon's memory by as much.
+    let rss_kib = || {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap()
+    };
+    let before = rss_kib();
+    let flood = PythonRequest {
+        code: r#"
+import os, stat
+chunk = b"x" * (1 << 20)
+hit = []
+for name in os.listdir("/proc/self/fd"):
+    fd = int(name)
+    if fd in (3, 4):
+        continue
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            continue
+        for _ in range(128):
+            os.write(fd, chunk)
+        hit.append(fd)
+    except OSError:
+        pass
+hit
+"#
+        .to_owned(),
+        timeout_ms: Some(60_000),
+        max_output: None,
+    };
+    let (status, body) = request(
+        sandbox.agent_socket(),
+        "POST",
+        "/execute/python",
+        &serde_json::to_vec(&flood).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let reply: PythonResponse = serde_json::from_slice(&body).unwrap();
+    assert_eq!(reply.status, ExecStatus::Success, "{reply:?}");
+    assert_ne!(reply.result, serde_json::json!("[]"), "{reply:?}");
+    let grown_mib = rss_kib().saturating_sub(before) / 1024;
+    assert!(grown_mib < 64, "daemon grew by {grown_mib} MiB");
+
+    // cgroups: the sandbox sees itself at the root of every hierarchy and
+    // has no cgroupfs (nor /sys) to write to.
+    let cgroups = out(&sandbox, "cat /proc/self/cgroup; ls -A /sys | wc -l").await;
+    let (lines, count) = cgroups.rsplit_once('\n').unwrap();
+    assert!(lines.lines().all(|l| l.ends_with(":/")), "{lines}");
+    assert_eq!(count, "0");
+    // Threads count against the pids limit like processes.
+    let threads = python(
+        r#"
+import threading, time
+ev = threading.Event()
+n = 0
+try:
+    while n < 1000:
+        threading.Thread(target=ev.wait, daemon=True).start()
+        n += 1
+except RuntimeError:
+    pass
+ev.set()
+print(n)
+"#,
+    );
+    let n: u32 = out(&sandbox, &threads).await.parse().unwrap();
+    assert!(n < limits().pids_max, "{n} threads started");
+
+    // Limits the daemon runs with do not pass into the sandbox.
+    assert_eq!(out(&sandbox, "ulimit -n; ulimit -c").await, "8192\n0");
+
+    // Nothing on the host belongs to the sandbox's uid, even after it wrote
+    // files everywhere it can.
+    out(
+        &sandbox,
+        "for d in /mnt/data /tmp /var/tmp /dev/shm $HOME; do echo x > $d/owned; done",
+    )
+    .await;
+    let found = std::process::Command::new("find")
+        .args(["/", "/run", "/tmp", "/var/tmp", "/dev/shm", "-xdev", "-uid"])
+        .arg(uid.to_string())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&found.stdout), "");
+
     sandbox.destroy().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn code_that_kills_or_stops_the_agent_ends_only_its_own_sandbox() {
+    let Some(backend) = backend("signals", 8) else {
+        return;
+    };
+    let (mut killed, mut stopped, bystander) = tokio::join!(
+        start(&backend, "killed", limits()),
+        start(&backend, "stopped", limits()),
+        start(&backend, "bystander", limits())
+    );
+
+    // PID 1 ignores SIGKILL from inside its namespace.
+    assert_eq!(
+        out(&killed, "kill -KILL 1; sleep 0.2; kill -0 1 && echo alive").await,
+        "alive"
+    );
+
+    // Killing the agent (same uid: the kernel allows it) ends the sandbox,
+    // which the backend sees.
+    let detach = |sig: &str| {
+        format!("setsid sh -c 'sleep 0.3; kill -{sig} '$PPID </dev/null >/dev/null 2>&1 & echo ok")
+    };
+    assert_eq!(out(&killed, &detach("KILL")).await, "ok");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while killed.is_alive() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sandbox survived its agent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(request(killed.agent_socket(), "GET", "/health", b"")
+        .await
+        .is_err());
+    let uid = killed.uid().unwrap();
+    killed.destroy().await.unwrap();
+    assert_eq!(host_processes_of(uid, true), Vec::<String>::new());
+
+    // A stopped agent still accepts connections but never answers: callers
+    // need deadlines. The sandbox counts as alive, and destroy still works.
+    assert_eq!(out(&stopped, &detach("STOP")).await, "ok");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let hung = tokio::time::timeout(
+        Duration::from_secs(2),
+        request(stopped.agent_socket(), "GET", "/health", b""),
+    )
+    .await;
+    assert!(hung.is_err(), "a stopped agent answered: {hung:?}");
+    assert!(stopped.is_alive());
+    let uid = stopped.uid().unwrap();
+    let t = std::time::Instant::now();
+    stopped.destroy().await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(host_processes_of(uid, true), Vec::<String>::new());
+
+    // The other sandbox noticed nothing.
+    assert_eq!(out(&bystander, "echo fine").await, "fine");
+    bystander.destroy().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filling_a_disk_larger_than_memory_kills_the_filler_not_the_agent() {
+    let Some(backend) = backend("oom", 9) else {
+        return;
+    };
+    // tmpfs pages are charged to the memory cgroup and cannot be reclaimed
+    // without swap: here the memory limit, not ENOSPC, stops the writer.
+    // Commands (1000) go before the agent (500), and jail-init goes never.
+    let limits = SandboxLimits {
+        memory_bytes: 128 * MIB,
+        disk_bytes: 512 * MIB,
+        ..limits()
+    };
+    let mut sandbox = start(&backend, "oom", limits).await;
+    assert_eq!(
+        out(
+            &sandbox,
+            "cat /proc/self/oom_score_adj /proc/1/oom_score_adj"
+        )
+        .await,
+        "1000\n500"
+    );
+    let r = sh(
+        &sandbox,
+        "dd if=/dev/zero of=/mnt/data/fill bs=1M count=400 2>/dev/null; echo dd=$?",
+    )
+    .await;
+    assert!(r.stdout.contains("dd=137"), "{r:?}");
+    assert!(sandbox.is_alive());
+    let usage = sandbox.memory_private_bytes().unwrap_or(0);
+    assert!(usage <= 128 * MIB, "{usage}");
+    assert_eq!(
+        out(&sandbox, "rm /mnt/data/fill && python3 -c 'print(6 * 7)'").await,
+        "42"
+    );
+    let uid = sandbox.uid().unwrap();
+    sandbox.destroy().await.unwrap();
+    assert_eq!(host_processes_of(uid, true), Vec::<String>::new());
 }

@@ -27,6 +27,14 @@ use super::rootfs::{self, RootfsError};
 use super::seccomp::{self, SeccompError};
 use super::spec::{InitSpec, LISTEN_FD, STATUS_FD};
 
+/// The agent binary (O_PATH), from before pivot_root until exec.
+const AGENT_FD: i32 = STATUS_FD + 1;
+
+/// oom_score_adj of the sandbox's PID 1 and agent, inherited by what they
+/// start; the Python runner and shell commands raise themselves to 1000, so
+/// they go first.
+const SANDBOX_OOM_SCORE_ADJ: &str = "500";
+
 /// Hostname inside every sandbox.
 const HOSTNAME: &str = "sandbox";
 
@@ -72,6 +80,14 @@ pub enum InitError {
     CloseFds(#[source] io::Error),
     #[error("invalid environment entry {0:?}")]
     Env(String),
+    #[error("raising oom_score_adj")]
+    OomScore(#[source] io::Error),
+    #[error("opening the agent {path}")]
+    OpenAgent {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("executing the agent {path}")]
     Exec {
         path: &'static str,
@@ -81,7 +97,7 @@ pub enum InitError {
 }
 
 /// The error and its causes on one line.
-fn chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut cur = err.source();
     while let Some(e) = cur {
@@ -108,25 +124,25 @@ pub fn run() -> ! {
 }
 
 /// Best effort: the daemon reads this as the reason spawning failed.
-fn report_status(msg: &str) {
+pub(crate) fn report_status(msg: &str) {
     // SAFETY: fd 4 is the status pipe (or closed, in which case write fails
     // with EBADF); ManuallyDrop keeps it open for the caller.
     let mut f = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(STATUS_FD) });
     let _ = f.write_all(msg.as_bytes());
 }
 
-fn fd_is_open(fd: i32) -> bool {
+pub(crate) fn fd_is_open(fd: i32) -> bool {
     // SAFETY: F_GETFD only queries the descriptor table.
     unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
 }
 
-fn set_cloexec(fd: i32) {
+pub(crate) fn set_cloexec(fd: i32) {
     // SAFETY: F_SETFD on a descriptor we checked is open; no memory involved.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
 }
 
 /// Closes every descriptor from `first` up.
-fn close_from(first: u32) -> io::Result<()> {
+pub(crate) fn close_from(first: u32) -> io::Result<()> {
     // SAFETY: close_range(2) with integer arguments; nothing in this
     // single-threaded process holds the descriptors closed here.
     if unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) } < 0 {
@@ -139,7 +155,7 @@ fn close_from(first: u32) -> io::Result<()> {
 /// unblocks all: dispositions set to "ignore" and the signal mask survive
 /// exec, and the daemon's or Rust's runtime choices must not leak into the
 /// sandbox, nor hide SIGTERM/SIGCHLD from jail-init.
-fn reset_signals(pipe: bool) {
+pub(crate) fn reset_signals(pipe: bool) {
     let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
     for sig in Signal::iterator() {
         if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP) || (sig == Signal::SIGPIPE && !pipe) {
@@ -213,6 +229,13 @@ fn supervise(id: &mut String) -> Result<i32, InitError> {
         }
         ForkResult::Parent { child } => {
             drop(death_r);
+            // jail-init sits in the sandbox's memory cgroup: an OOM there
+            // must take sandboxed processes, never the supervisor (whose
+            // death ends the sandbox without a word). Set after fork so the
+            // sandbox does not inherit it; needs CAP_SYS_RESOURCE, which a
+            // daemon in a restricted container may lack: the sandbox's own
+            // raised score (see `build_and_exec`) then still ranks it first.
+            let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
             // SAFETY: closing our copies of fds 3 and 4, which nothing else
             // here refers to: only the child and the agent keep them.
             unsafe {
@@ -227,7 +250,7 @@ fn supervise(id: &mut String) -> Result<i32, InitError> {
 /// Waits for PID 1 and returns the exit code to leave with. SIGTERM (the
 /// daemon's way to destroy the sandbox) kills PID 1 first, so that jail-init,
 /// not the host's init, reaps it and nothing is left as a zombie.
-fn wait_for_pid1(child: Pid, id: &str) -> i32 {
+pub(crate) fn wait_for_pid1(child: Pid, id: &str) -> i32 {
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
@@ -285,6 +308,38 @@ fn build_and_exec(
     }
     drop(death_r);
 
+    // Opened while the host's file system is still in view, at a fixed
+    // descriptor that survives the clean-up below and closes at exec.
+    let agent = rustix::fs::open(
+        &spec.agent_binary,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|source| InitError::OpenAgent {
+        path: spec.agent_binary.clone(),
+        source: source.into(),
+    })?;
+    let agent = if agent.as_raw_fd() == AGENT_FD {
+        agent
+    } else {
+        // SAFETY: dup3 onto AGENT_FD, which nothing in this process uses.
+        if unsafe { libc::dup3(agent.as_raw_fd(), AGENT_FD, libc::O_CLOEXEC) } < 0 {
+            return Err(InitError::OpenAgent {
+                path: spec.agent_binary.clone(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: AGENT_FD was just duplicated and is owned by nobody else.
+        unsafe { OwnedFd::from_raw_fd(AGENT_FD) }
+    };
+
+    // Every sandbox process is killed before jail-init on a memory cgroup
+    // OOM, and before the host's own processes on a global one. Written with
+    // CAP_SYS_RESOURCE (a normal root daemon), it is also the floor that
+    // sandboxed code cannot lower its score below.
+    std::fs::write("/proc/self/oom_score_adj", SANDBOX_OOM_SCORE_ADJ)
+        .map_err(InitError::OomScore)?;
+
     rootfs::build(spec)?;
     nix::unistd::sethostname(HOSTNAME).map_err(InitError::Hostname)?;
     loopback::bring_up()?;
@@ -312,10 +367,12 @@ fn build_and_exec(
     privileges::drop_to(spec.uid, spec.gid)?;
     nix::unistd::chdir(sessiond_agent::proto::DATA_DIR)
         .map_err(|e| InitError::Chdir(sessiond_agent::proto::DATA_DIR, e))?;
-    close_from(STATUS_FD as u32 + 1).map_err(InitError::CloseFds)?;
+    close_from(AGENT_FD as u32 + 1).map_err(InitError::CloseFds)?;
     reset_signals(true);
     seccomp::install(&filters)?;
-    match nix::unistd::execve(&path, &argv, &env) {
+    // execveat on the descriptor: no host path is mounted into the sandbox
+    // for the agent, and the sandbox cannot swap the file being run.
+    match nix::unistd::execveat(&agent, c"", &argv, &env, nix::fcntl::AtFlags::AT_EMPTY_PATH) {
         Ok(never) => match never {},
         Err(source) => Err(InitError::Exec {
             path: rootfs::AGENT_PATH,

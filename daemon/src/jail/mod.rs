@@ -7,14 +7,17 @@
 //! listening socket and the cgroup leaf, then starts `sessiond jail-init`
 //! ([`init`]), which builds the sandbox and execs the agent.
 
-mod cgroup;
+pub(crate) mod cgroup;
 pub mod init;
-mod loopback;
-mod privileges;
-mod rootfs;
+pub(crate) mod loopback;
+pub(crate) mod privileges;
+pub(crate) mod rootfs;
 mod seccomp;
 mod slots;
-mod spec;
+pub(crate) mod spec;
+// Shared with the jailed VMM (crate::vmm_jail); the sandboxes here can move onto them.
+pub(crate) mod cell;
+pub(crate) mod pid1;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -27,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 use cgroup::{CgroupError, CgroupLayout, CgroupLeaf};
@@ -213,6 +216,19 @@ impl JailBackend {
                 "uid_base {} must be > 0 and leave room for {MAX_SANDBOXES} uids",
                 cfg.uid_base
             )));
+        }
+        // A host account in the range could signal and trace sandboxed
+        // processes, and a sandbox would own that account's files.
+        let range = cfg.uid_base..cfg.uid_base + MAX_SANDBOXES;
+        for file in ["/etc/passwd", "/etc/group"] {
+            if let Ok(text) = fs::read_to_string(file) {
+                if let Some((name, id)) = account_in_range(&text, &range) {
+                    return Err(JailError::Config(format!(
+                        "{file} has {name:?} with id {id}, inside the sandbox uid range {}..{}: choose another uid_base",
+                        range.start, range.end
+                    )));
+                }
+            }
         }
         let cgroups = CgroupLayout::discover(&cfg.cgroup_name)?;
         let sandboxes_dir = cfg.run_dir.join("sandboxes");
@@ -440,6 +456,17 @@ impl JailBackend {
     }
 }
 
+/// The first entry of a passwd- or group-format file whose id (third
+/// field) falls in `range`.
+fn account_in_range(text: &str, range: &std::ops::Range<u32>) -> Option<(String, u32)> {
+    text.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let id = fields.nth(1)?.parse::<u32>().ok()?;
+        range.contains(&id).then(|| (name.to_owned(), id))
+    })
+}
+
 fn validate_spec(spec: &JailSpec) -> Result<(), JailError> {
     let id = &spec.sandbox_id;
     if id.is_empty()
@@ -511,11 +538,154 @@ fn cloexec_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Copies jail-init's and the agent's output into the daemon's log.
-async fn forward_log(id: String, stream: &'static str, out: impl tokio::io::AsyncRead + Unpin) {
-    let mut lines = tokio::io::BufReader::new(out).split(b'\n');
-    while let Ok(Some(line)) = lines.next_segment().await {
-        let line = String::from_utf8_lossy(&line[..line.len().min(MAX_LOG_LINE)]);
-        tracing::info!(sandbox = %id, stream, "{}", line.trim_end());
+///
+/// The pipe is writable from inside the sandbox (the agent's stderr is
+/// inherited by its Python interpreter), so its content is hostile: lines are
+/// cut at [`MAX_LOG_LINE`] without ever buffering more, and at most
+/// [`LOG_BURST`] bytes plus [`LOG_BYTES_PER_SEC`] per second reach the log;
+/// the rest is read and counted, so a writer can neither exhaust the daemon's
+/// memory nor flood its log, and never blocks on a full pipe.
+async fn forward_log(id: String, stream: &'static str, mut out: impl tokio::io::AsyncRead + Unpin) {
+    let mut lines = LogLines::new(LogBudget::new(tokio::time::Instant::now()));
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match out.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        lines.feed(&buf[..n], tokio::time::Instant::now(), |line| {
+            tracing::info!(sandbox = %id, stream, "{line}");
+        });
+    }
+    lines.finish(|line| tracing::info!(sandbox = %id, stream, "{line}"));
+}
+
+/// Control characters (terminal escapes, carriage returns) in sandbox output
+/// would act on whoever reads the log in a terminal: shown escaped instead.
+fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(|c| c.is_control() && c != '\t') {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if c.is_control() && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Bytes of sandbox output logged in a burst before the rate applies.
+const LOG_BURST: u64 = 256 * 1024;
+/// Sustained rate of sandbox output copied into the daemon's log.
+const LOG_BYTES_PER_SEC: u64 = 16 * 1024;
+
+/// Token bucket over logged bytes.
+struct LogBudget {
+    tokens: u64,
+    last: tokio::time::Instant,
+    dropped: u64,
+}
+
+impl LogBudget {
+    fn new(now: tokio::time::Instant) -> Self {
+        Self {
+            tokens: LOG_BURST,
+            last: now,
+            dropped: 0,
+        }
+    }
+
+    /// Whether a line of `len` bytes may be logged now; counts it otherwise.
+    fn take(&mut self, len: u64, now: tokio::time::Instant) -> bool {
+        let refill =
+            now.saturating_duration_since(self.last).as_millis() as u64 * LOG_BYTES_PER_SEC / 1000;
+        if refill > 0 {
+            self.tokens = (self.tokens + refill).min(LOG_BURST);
+            self.last = now;
+        }
+        if self.tokens >= len {
+            self.tokens -= len;
+            true
+        } else {
+            self.dropped += len;
+            false
+        }
+    }
+}
+
+/// Splits a byte stream into log lines of at most [`MAX_LOG_LINE`] bytes,
+/// holding no more than that.
+struct LogLines {
+    line: Vec<u8>,
+    /// The current line was cut: skip to its end.
+    truncated: bool,
+    budget: LogBudget,
+}
+
+impl LogLines {
+    fn new(budget: LogBudget) -> Self {
+        Self {
+            line: Vec::with_capacity(256),
+            truncated: false,
+            budget,
+        }
+    }
+
+    fn feed(&mut self, mut data: &[u8], now: tokio::time::Instant, mut emit: impl FnMut(&str)) {
+        while !data.is_empty() {
+            let (chunk, end) = match data.iter().position(|&b| b == b'\n') {
+                Some(i) => (&data[..i], Some(i + 1)),
+                None => (data, None),
+            };
+            if !self.truncated {
+                let room = MAX_LOG_LINE - self.line.len();
+                self.line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                if chunk.len() > room {
+                    self.truncated = true;
+                }
+            }
+            match end {
+                Some(i) => {
+                    self.emit(now, &mut emit);
+                    data = &data[i..];
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn emit(&mut self, now: tokio::time::Instant, emit: &mut impl FnMut(&str)) {
+        let dropped_before = self.budget.dropped;
+        if self.budget.take(self.line.len() as u64 + 1, now) {
+            if dropped_before > 0 {
+                emit(&format!(
+                    "[sessiond: {dropped_before} bytes of sandbox output not logged: rate limit]"
+                ));
+                self.budget.dropped = 0;
+            }
+            let text = String::from_utf8_lossy(&self.line);
+            let cut = if self.truncated { " [line cut]" } else { "" };
+            emit(&format!("{}{cut}", escape_controls(text.trim_end())));
+        }
+        self.line.clear();
+        self.truncated = false;
+    }
+
+    /// Logs what is left when the stream ends.
+    fn finish(mut self, mut emit: impl FnMut(&str)) {
+        let now = tokio::time::Instant::now();
+        if !self.line.is_empty() || self.truncated {
+            self.emit(now, &mut emit);
+        }
+        if self.budget.dropped > 0 {
+            emit(&format!(
+                "[sessiond: {} bytes of sandbox output not logged: rate limit]",
+                self.budget.dropped
+            ));
+        }
     }
 }
 
@@ -760,6 +930,71 @@ mod tests {
         let mut no_disk = spec("ok", vec![]);
         no_disk.limits.disk_bytes = 0;
         assert!(validate_spec(&no_disk).is_err());
+    }
+
+    #[test]
+    fn sandbox_output_is_logged_in_bounded_lines() {
+        let now = tokio::time::Instant::now();
+        let mut lines = LogLines::new(LogBudget::new(now));
+        let mut seen = Vec::new();
+        // A hostile writer sends 64 MiB without a newline, then a short line.
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..64 {
+            lines.feed(&chunk, now, |l| seen.push(l.to_owned()));
+            assert!(lines.line.len() <= MAX_LOG_LINE);
+        }
+        lines.feed(b"\nshort\x1b[2J\r\tok\npartial", now, |l| {
+            seen.push(l.to_owned())
+        });
+        lines.finish(|l| seen.push(l.to_owned()));
+        assert_eq!(
+            seen.len(),
+            3,
+            "{:?}",
+            seen.iter().map(String::len).collect::<Vec<_>>()
+        );
+        assert_eq!(seen[0].len(), MAX_LOG_LINE + " [line cut]".len());
+        assert_eq!(seen[1], "short\\u{1b}[2J\\r\tok");
+        assert_eq!(seen[2], "partial");
+    }
+
+    #[test]
+    fn sandbox_output_beyond_the_rate_is_counted_not_logged() {
+        let start = tokio::time::Instant::now();
+        let mut lines = LogLines::new(LogBudget::new(start));
+        let mut logged = 0usize;
+        let line = [b'y'; 1023];
+        let mut flood = Vec::new();
+        for _ in 0..4096 {
+            flood.extend_from_slice(&line);
+            flood.push(b'\n');
+        }
+        lines.feed(&flood, start, |l| logged += l.len() + 1);
+        assert!(logged as u64 <= LOG_BURST, "{logged}");
+        assert!(lines.budget.dropped >= (4 << 20) - LOG_BURST);
+        // A second later the rate allows more again, and the drop is reported.
+        let mut later = Vec::new();
+        lines.feed(b"after\n", start + Duration::from_secs(1), |l| {
+            later.push(l.to_owned())
+        });
+        assert_eq!(later.len(), 2, "{later:?}");
+        assert!(later[0].contains("not logged"), "{later:?}");
+        assert_eq!(later[1], "after");
+    }
+
+    #[test]
+    fn host_accounts_inside_the_sandbox_uid_range_are_found() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n\
+                      nobody:x:65534:65534::/:/usr/sbin/nologin\n\
+                      # comment\n\
+                      alice:x:200007:100::/home/alice:/bin/sh\n";
+        let range = DEFAULT_UID_BASE..DEFAULT_UID_BASE + MAX_SANDBOXES;
+        assert_eq!(
+            account_in_range(passwd, &range),
+            Some(("alice".to_owned(), 200_007))
+        );
+        assert_eq!(account_in_range(passwd, &(300_000..365_536)), None);
+        assert_eq!(account_in_range("", &range), None);
     }
 
     #[test]

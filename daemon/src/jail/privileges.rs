@@ -9,6 +9,12 @@ use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
 use rustix::thread::{CapabilitySet, CapabilitySets};
 use thiserror::Error;
 
+/// Open files per sandbox process (soft = hard). Set explicitly: the daemon
+/// runs with a large limit (the unit sets 1048576) that must not pass to
+/// sandboxed code; kernel memory per file is charged to the sandbox's memory
+/// cgroup either way.
+pub const SANDBOX_NOFILE: u64 = 8192;
+
 /// Past the highest capability any kernel defines today (40).
 const MAX_CAPABILITY: libc::c_ulong = 63;
 
@@ -34,6 +40,8 @@ pub enum PrivilegeError {
     Remaining(CapabilitySets),
     #[error("setting no_new_privs")]
     NoNewPrivs(#[source] rustix::io::Errno),
+    #[error("setting the open files limit")]
+    NoFile(#[source] nix::Error),
     #[error("setting the core dump limit")]
     Core(#[source] nix::Error),
 }
@@ -52,6 +60,9 @@ pub fn drop_to(uid: u32, gid: u32) -> Result<(), PrivilegeError> {
     }
     rustix::thread::clear_ambient_capability_set().map_err(PrivilegeError::Ambient)?;
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(PrivilegeError::Core)?;
+    // Raised or lowered while still root: the hard limit binds from here on.
+    setrlimit(Resource::RLIMIT_NOFILE, SANDBOX_NOFILE, SANDBOX_NOFILE)
+        .map_err(PrivilegeError::NoFile)?;
     setgroups(&[]).map_err(PrivilegeError::Groups)?;
     let g = Gid::from_raw(gid);
     setresgid(g, g, g).map_err(|e| PrivilegeError::Gid(gid, e))?;

@@ -1,20 +1,25 @@
 //! The sandbox's file system, built by jail-init's PID-1 child inside its
 //! private mount namespace: tmpfs (size-limited) holding the overlay's upper
-//! layer and /mnt/data, overlay over the read-only rootfs, agent bound in,
-//! minimal /dev, fresh /proc with sensitive entries masked, pivot_root.
+//! layer and /mnt/data, overlay over the read-only rootfs, minimal /dev of
+//! its own device nodes, fresh /proc with sensitive entries masked,
+//! pivot_root. Nothing is bound from the host's file systems but the rootfs
+//! (as the overlay's lower layer), so /proc/self/mountinfo in the sandbox
+//! names no host path, disk or devtmpfs. The agent is not mounted at all:
+//! jail-init execs it through a descriptor opened before pivot_root.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use nix::unistd::{chown, Gid, Uid};
 use thiserror::Error;
 
 use super::spec::InitSpec;
 
-/// Where the agent binary appears inside the sandbox.
+/// The agent's name inside the sandbox (its argv[0]); no file is there.
 pub const AGENT_PATH: &str = "/usr/lib/sessiond/sessiond-agent";
 /// Home directory of the sandbox user.
 pub const HOME: &str = "/home/sandbox";
@@ -23,8 +28,16 @@ const USER: &str = "sandbox";
 /// /dev/shm is its own tmpfs; the memory cgroup bounds it as well.
 const SHM_BYTES: u64 = 64 * 1024 * 1024;
 
-/// Device nodes bound from the host's /dev; a missing one is skipped.
-const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+/// Device nodes created in the sandbox's /dev: (name, major, minor), the
+/// numbers fixed by the kernel's devices.txt.
+const DEVICES: &[(&str, u64, u64)] = &[
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
 /// /proc entries hidden behind /dev/null (files) or an empty read-only tmpfs
 /// (directories), as Docker's default masked paths.
 const PROC_MASKED: &[&str] = &[
@@ -62,6 +75,12 @@ pub enum RootfsError {
         #[source]
         source: nix::Error,
     },
+    #[error("creating device node {path}")]
+    Node {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
     #[error("pivot_root into {root}")]
     Pivot {
         root: PathBuf,
@@ -70,7 +89,7 @@ pub enum RootfsError {
     },
 }
 
-fn mnt(
+pub(crate) fn mnt(
     what: &str,
     source: Option<&Path>,
     target: &Path,
@@ -93,7 +112,7 @@ fn prepare<T>(path: &Path, result: io::Result<T>) -> Result<T, RootfsError> {
 }
 
 /// Creates a directory (and parents) if missing and sets its mode.
-fn ensure_dir(path: &Path, mode: u32) -> Result<(), RootfsError> {
+pub(crate) fn ensure_dir(path: &Path, mode: u32) -> Result<(), RootfsError> {
     prepare(
         path,
         fs::DirBuilder::new()
@@ -107,21 +126,7 @@ fn ensure_dir(path: &Path, mode: u32) -> Result<(), RootfsError> {
     )
 }
 
-/// Creates an empty file to bind something onto.
-fn ensure_file(path: &Path) -> Result<(), RootfsError> {
-    prepare(
-        path,
-        OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o644)
-            .open(path),
-    )
-    .map(drop)
-}
-
-fn chown_to(path: &Path, uid: u32, gid: u32) -> Result<(), RootfsError> {
+pub(crate) fn chown_to(path: &Path, uid: u32, gid: u32) -> Result<(), RootfsError> {
     chown(path, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(|source| {
         RootfsError::Chown {
             path: path.to_owned(),
@@ -132,7 +137,7 @@ fn chown_to(path: &Path, uid: u32, gid: u32) -> Result<(), RootfsError> {
 
 /// Binds `source` on `target`, then remounts the bind with `flags` (a bind
 /// mount ignores flags on creation).
-fn bind(source: &Path, target: &Path, flags: MsFlags) -> Result<(), RootfsError> {
+pub(crate) fn bind(source: &Path, target: &Path, flags: MsFlags) -> Result<(), RootfsError> {
     let what = format!("bind of {}", source.display());
     mnt(&what, Some(source), target, None, MsFlags::MS_BIND, None)?;
     if !flags.is_empty() {
@@ -207,19 +212,8 @@ pub fn build(spec: &InitSpec) -> Result<(), RootfsError> {
     ensure_dir(&mnt_data, 0o755)?;
     bind(&data, &mnt_data, MsFlags::empty())?;
 
-    let agent = root.join(AGENT_PATH.trim_start_matches('/'));
-    if let Some(dir) = agent.parent() {
-        ensure_dir(dir, 0o755)?;
-    }
-    ensure_file(&agent)?;
-    bind(
-        &spec.agent_binary,
-        &agent,
-        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-    )?;
-
     build_dev(&root.join("dev"))?;
-    build_proc(&root.join("proc"))?;
+    build_proc(&root.join("proc"), &root.join("dev/null"))?;
 
     ensure_dir(&root.join("tmp"), 0o1777)?;
     ensure_dir(&root.join("var/tmp"), 0o1777)?;
@@ -241,14 +235,23 @@ fn build_dev(dev: &Path) -> Result<(), RootfsError> {
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("mode=0755,size=65536"),
     )?;
-    for name in DEVICES {
-        let host = Path::new("/dev").join(name);
-        if !host.exists() {
-            continue;
-        }
+    for &(name, major, minor) in DEVICES {
         let node = dev.join(name);
-        ensure_file(&node)?;
-        bind(&host, &node, MsFlags::empty())?;
+        mknod(
+            &node,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(major, minor),
+        )
+        .map_err(|source| RootfsError::Node {
+            path: node.clone(),
+            source,
+        })?;
+        // mknod applies the umask.
+        prepare(
+            &node,
+            fs::set_permissions(&node, fs::Permissions::from_mode(0o666)),
+        )?;
     }
     for (link, target) in [
         ("fd", "/proc/self/fd"),
@@ -283,7 +286,7 @@ fn build_dev(dev: &Path) -> Result<(), RootfsError> {
     )
 }
 
-fn build_proc(proc: &Path) -> Result<(), RootfsError> {
+fn build_proc(proc: &Path, null: &Path) -> Result<(), RootfsError> {
     let locked = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     ensure_dir(proc, 0o555)?;
     mnt(
@@ -305,7 +308,7 @@ fn build_proc(proc: &Path) -> Result<(), RootfsError> {
                 locked | MsFlags::MS_RDONLY,
                 Some("size=0"),
             )?,
-            Ok(_) => bind(Path::new("/dev/null"), &path, MsFlags::empty())?,
+            Ok(_) => bind(null, &path, MsFlags::empty())?,
             Err(_) => continue,
         }
     }
@@ -351,7 +354,7 @@ fn add_user(root: &Path, uid: u32, gid: u32) -> Result<(), RootfsError> {
     Ok(())
 }
 
-fn pivot(root: &Path) -> Result<(), RootfsError> {
+pub(crate) fn pivot(root: &Path) -> Result<(), RootfsError> {
     let err = |source| RootfsError::Pivot {
         root: root.to_owned(),
         source,
@@ -362,4 +365,27 @@ fn pivot(root: &Path) -> Result<(), RootfsError> {
     nix::unistd::pivot_root(".", ".").map_err(err)?;
     umount2(".", MntFlags::MNT_DETACH).map_err(err)?;
     nix::unistd::chdir("/").map_err(err)
+}
+
+/// Creates character device `path` with exactly `mode` (mknod applies the umask). Added
+/// for the jailed VMM's device nodes ([`crate::vmm_jail`]); `build_dev` can use it too.
+pub(crate) fn char_device(
+    path: &Path,
+    (major, minor): (u64, u64),
+    mode: u32,
+) -> Result<(), RootfsError> {
+    mknod(
+        path,
+        SFlag::S_IFCHR,
+        Mode::from_bits_truncate(mode),
+        makedev(major, minor),
+    )
+    .map_err(|source| RootfsError::Node {
+        path: path.to_owned(),
+        source,
+    })?;
+    prepare(
+        path,
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)),
+    )
 }

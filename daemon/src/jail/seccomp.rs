@@ -47,6 +47,12 @@ const DENIED: &[libc::c_long] = &[
     libc::SYS_ptrace,
     libc::SYS_process_vm_readv,
     libc::SYS_process_vm_writev,
+    // The agent is non-dumpable, which already makes the kernel refuse these
+    // to processes of its uid; denied outright so that one flag is not the
+    // only barrier between sandboxed code and the agent's descriptors.
+    libc::SYS_pidfd_getfd,
+    libc::SYS_process_madvise,
+    libc::SYS_kcmp,
     // Kernel attack surface sandboxed code does not need.
     libc::SYS_bpf,
     libc::SYS_perf_event_open,
@@ -101,6 +107,13 @@ const CLONE_NEW_FLAGS: &[libc::c_int] = &[
     libc::CLONE_NEWNET,
 ];
 
+/// ioctl requests denied on any descriptor: pushing input into a terminal
+/// (TIOCSTI) or driving the virtual console (TIOCLINUX). The sandbox has no
+/// terminal today; this keeps it so should a tty descriptor ever leak in.
+// The request constants are c_ulong with glibc but c_int with musl.
+#[allow(clippy::unnecessary_cast)]
+const DENIED_IOCTLS: &[u64] = &[libc::TIOCSTI as u64, libc::TIOCLINUX as u64];
+
 /// Personas allowed (Docker's list): the default, 32-bit `uname`, UNAME26,
 /// both, and the query value. Anything else (e.g. ADDR_NO_RANDOMIZE) is denied.
 const PERSONALITIES: &[u64] = &[0x0, 0x8, 0x20000, 0x20008, 0xffff_ffff];
@@ -144,6 +157,11 @@ fn deny_list() -> Result<BpfProgram, SeccompError> {
         .map(|&p| cond(0, SeccompCmpOp::Ne, p))
         .collect::<Result<Vec<_>, _>>()?;
     rules.insert(libc::SYS_personality, vec![SeccompRule::new(persona)?]);
+    let ioctls = DENIED_IOCTLS
+        .iter()
+        .map(|&req| Ok(SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, req)?])?))
+        .collect::<Result<Vec<_>, SeccompError>>()?;
+    rules.insert(libc::SYS_ioctl, ioctls);
     rules.insert(
         libc::SYS_socket,
         vec![SeccompRule::new(vec![cond(
@@ -356,6 +374,64 @@ mod tests {
                 return 3;
             }
             0
+        }
+        assert_eq!(under_filters(probe), 0);
+    }
+
+    #[test]
+    fn tiocsti_and_the_agent_takeover_calls_are_denied() {
+        fn probe() -> i32 {
+            let mut fds = [0; 2];
+            // SAFETY: pipe(2) writes two descriptors into our array.
+            if unsafe { libc::pipe(fds.as_mut_ptr()) } < 0 {
+                return 1;
+            }
+            let c = b'x';
+            // SAFETY: ioctl with a pointer to a byte we own; denied first.
+            let r = unsafe { libc::ioctl(fds[0], libc::TIOCSTI, &c) };
+            if !(r == -1 && errno() == libc::EPERM) {
+                return 2;
+            }
+            // Other ioctls still reach the kernel (ENOTTY on a pipe).
+            let mut ws = libc::winsize {
+                ws_row: 0,
+                ws_col: 0,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            // SAFETY: TIOCGWINSZ writes a winsize we own.
+            let r = unsafe { libc::ioctl(fds[0], libc::TIOCGWINSZ, &mut ws) };
+            if !(r == -1 && errno() == libc::ENOTTY) {
+                return 3;
+            }
+            for nr in [
+                libc::SYS_pidfd_getfd,
+                libc::SYS_kcmp,
+                libc::SYS_process_madvise,
+            ] {
+                // SAFETY: integer arguments; denied before the kernel acts.
+                let r = unsafe { libc::syscall(nr, 0usize, 0usize, 0usize, 0usize, 0usize) };
+                if !(r == -1 && errno() == libc::EPERM) {
+                    return 4;
+                }
+            }
+            0
+        }
+        assert_eq!(under_filters(probe), 0);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn x32_syscalls_are_refused() {
+        fn probe() -> i32 {
+            // getpid through the x32 ABI: the number with __X32_SYSCALL_BIT.
+            // SAFETY: a syscall without arguments.
+            let r = unsafe { libc::syscall(libc::SYS_getpid | 0x4000_0000) };
+            if r == -1 && errno() == libc::ENOSYS {
+                0
+            } else {
+                1
+            }
         }
         assert_eq!(under_filters(probe), 0);
     }
