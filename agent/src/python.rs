@@ -49,9 +49,10 @@ exec(compile(_read(int.from_bytes(_read(4), 'big')), '<sessiond-runner>', 'exec'
 const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
 /// How long a fresh interpreter gets to say it is ready.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// Largest reply accepted from the runner beyond the two capped streams
-/// (figures are base64 PNGs).
-const REPLY_SLACK: usize = 256 * 1024 * 1024;
+/// Largest reply accepted from the runner beyond the capped streams and
+/// result (each at most 6 JSON bytes per byte of cap): the runner returns at
+/// most 8 MiB of figure PNGs, under 11 MiB as base64.
+const REPLY_SLACK: usize = 32 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PythonError {
@@ -388,7 +389,7 @@ impl Python {
             env: &env,
             reseed: self.reseed.swap(false, Ordering::Relaxed),
         };
-        let limit = max_output.saturating_mul(8).saturating_add(REPLY_SLACK);
+        let limit = max_output.saturating_mul(18).saturating_add(REPLY_SLACK);
         let sent = interp.send(&msg).await;
         let deadline = Duration::from_millis(timeout_ms);
         let first = match sent {
@@ -510,4 +511,84 @@ fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for `matplotlib.pyplot` with figures of chosen PNG sizes,
+    /// so the runner's figure caps are tested without matplotlib.
+    const FAKE_PYPLOT: &str = r#"
+import sys, types
+class _Fig:
+    def __init__(self, size):
+        self.size = size
+    def savefig(self, buf, format):
+        buf.write(b"\x89PNG" + b"x" * (self.size - 4))
+plt = types.ModuleType("matplotlib.pyplot")
+plt._figs = {}
+plt.get_fignums = lambda: sorted(plt._figs)
+plt.figure = lambda num: plt._figs[num]
+plt.close = lambda what: plt._figs.clear()
+sys.modules["matplotlib.pyplot"] = plt
+def make(*sizes):
+    for i, size in enumerate(sizes):
+        plt._figs[i + 1] = _Fig(size)
+"#;
+
+    fn python() -> Option<Arc<Python>> {
+        let python = PathBuf::from("/usr/bin/python3");
+        if !python.exists() {
+            eprintln!("SKIP: no /usr/bin/python3");
+            return None;
+        }
+        Some(Python::new(python, std::env::temp_dir()))
+    }
+
+    async fn run(py: &Arc<Python>, code: &str) -> PythonResponse {
+        py.execute(PythonRequest {
+            code: code.to_string(),
+            timeout_ms: Some(30_000),
+            max_output: None,
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn figures_are_capped_in_number_and_size() {
+        let Some(py) = python() else { return };
+        let r = run(&py, FAKE_PYPLOT).await;
+        assert_eq!(r.status, ExecStatus::Success, "{}", r.stderr);
+        // Twelve small figures: the first eight come back, the rest are noted.
+        let r = run(&py, "make(*[100] * 12)\n1").await;
+        assert_eq!(r.result, serde_json::json!(1));
+        assert_eq!(r.display.len(), 8);
+        assert!(
+            r.stderr.contains("4 more figure(s) not returned"),
+            "{}",
+            r.stderr
+        );
+        // One figure over 4 MiB is left out; three of 3 MiB stop at 8 MiB.
+        let r = run(&py, "make(5 << 20, 100, 3 << 20, 3 << 20, 3 << 20)\n2").await;
+        assert_eq!(r.display.len(), 3, "{}", r.stderr);
+        assert!(r.stderr.contains("figure 1 not returned"), "{}", r.stderr);
+        assert!(r.stderr.contains("figure 5 not returned"), "{}", r.stderr);
+        // The figures are closed either way.
+        let r = run(&py, "len(plt.get_fignums())").await;
+        assert_eq!(r.result, serde_json::json!(0));
+    }
+
+    #[tokio::test]
+    async fn long_string_results_are_truncated_to_the_cap() {
+        let Some(py) = python() else { return };
+        let r = run(&py, "'ab' * (1 << 20)").await;
+        assert_eq!(r.status, ExecStatus::Success, "{}", r.stderr);
+        assert_eq!(r.result.as_str().unwrap().len(), DEFAULT_MAX_OUTPUT);
+        assert!(
+            r.stderr.contains("the result was truncated"),
+            "{}",
+            r.stderr
+        );
+    }
 }

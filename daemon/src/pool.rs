@@ -21,6 +21,22 @@ use crate::session::Session;
 
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 const REFILL_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Size of each sandbox's /dev/shm tmpfs (see `jail::rootfs`); like the
+/// data directory it is memory charged to the sandbox's memory cgroup.
+const SHM_BYTES: u64 = 64 << 20;
+
+/// Pool settings that are valid but likely not what the operator meant.
+pub fn spec_warnings(spec: &PoolSpec) -> Vec<String> {
+    let mut w = Vec::new();
+    if spec.disk_bytes.saturating_add(SHM_BYTES) >= spec.memory_bytes {
+        w.push(format!(
+            "disk ({} MiB) plus /dev/shm (64 MiB) is not below memory ({} MiB): the sandbox's files live in memory, so code that fills the disk hits the memory limit (and the OOM killer) before it gets ENOSPC",
+            spec.disk_bytes >> 20,
+            spec.memory_bytes >> 20
+        ));
+    }
+    w
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -521,6 +537,9 @@ impl Pools {
     }
 
     fn make(&self, spec: PoolSpec, source: PoolSource) -> Arc<Pool> {
+        for w in spec_warnings(&spec) {
+            tracing::warn!(pool = %spec.name, "{w}");
+        }
         tracing::info!(pool = %spec.name, ?source, container_type = spec.container_type.as_str(), max = spec.max_concurrent_sessions, ready = spec.ready_session_instances, cooldown_s = spec.cooldown.as_secs(), "pool configured");
         Pool::new(
             spec,
@@ -607,6 +626,9 @@ impl Pools {
             self.persist(&spec)?;
             if *existing.spec() != spec {
                 tracing::info!(pool = %spec.name, "pool updated");
+                for w in spec_warnings(&spec) {
+                    tracing::warn!(pool = %spec.name, "{w}");
+                }
                 existing.update(spec);
             }
             return Ok((existing, false));
@@ -667,5 +689,34 @@ impl Pools {
         while self.destroying.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool_spec::PoolFields;
+
+    fn spec(memory: &str, disk: &str) -> PoolSpec {
+        PoolFields {
+            name: "py".into(),
+            memory: Some(memory.into()),
+            disk: Some(disk.into()),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap()
+    }
+
+    #[test]
+    fn disk_that_cannot_fill_before_memory_is_warned_about() {
+        // The defaults (2 GiB memory, 1 GiB disk) leave room.
+        assert!(spec_warnings(&spec("2Gi", "1Gi")).is_empty());
+        let w = spec_warnings(&spec("1Gi", "1Gi"));
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("ENOSPC"), "{}", w[0]);
+        // /dev/shm counts: 960 MiB of disk + 64 MiB of shm fills 1 GiB.
+        assert_eq!(spec_warnings(&spec("1Gi", "960Mi")).len(), 1);
+        assert!(spec_warnings(&spec("1Gi", "959Mi")).is_empty());
     }
 }

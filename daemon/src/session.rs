@@ -12,8 +12,22 @@ use tokio::sync::OnceCell;
 use crate::agent_client::AgentClient;
 use crate::backend::Sandbox;
 
-/// Past executions kept per session for `GET executions/{id}`.
+/// Past executions kept per session for `GET executions/{id}`, at most.
 pub const MAX_EXECUTIONS_KEPT: usize = 100;
+/// Bytes of stored execution results kept per session; the oldest go first.
+pub const MAX_EXECUTION_BYTES_KEPT: usize = 8 << 20;
+/// Largest single stored execution; a larger one is kept shortened.
+pub const MAX_EXECUTION_RECORD_BYTES: usize = 2 << 20;
+/// Appended to the stderr of a stored execution that had to be shortened.
+pub const SHORTENED_MARKER: &str =
+    "[sessiond: this stored copy of the execution was shortened to fit the per-session limit; the original answer had the full output]";
+
+/// Past executions, serialized, with their total size.
+#[derive(Default)]
+struct Executions {
+    kept: VecDeque<(String, bytes::Bytes)>,
+    bytes: usize,
+}
 
 struct Activity {
     last: Instant,
@@ -32,7 +46,10 @@ pub struct Session {
     removed: AtomicBool,
     activity: Mutex<Activity>,
     in_flight: AtomicU32,
-    executions: Mutex<VecDeque<(String, serde_json::Value)>>,
+    executions: Mutex<Executions>,
+    /// The agent runs one Python cell at a time; holding this while one
+    /// runs keeps a queued execution's deadline from starting early.
+    python_turn: tokio::sync::Mutex<()>,
 }
 
 /// Pure idle rule, kept apart so it can be tested without a clock.
@@ -55,7 +72,8 @@ impl Session {
                 last_wall: Utc::now(),
             }),
             in_flight: AtomicU32::new(0),
-            executions: Mutex::new(VecDeque::new()),
+            executions: Mutex::new(Executions::default()),
+            python_turn: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -143,18 +161,34 @@ impl Session {
         CallGuard(Arc::clone(self))
     }
 
-    pub fn record_execution(&self, id: &str, value: serde_json::Value) {
-        let mut ex = self.executions.lock().expect("session lock");
-        if ex.len() == MAX_EXECUTIONS_KEPT {
-            ex.pop_front();
-        }
-        ex.push_back((id.to_string(), value));
+    /// Waits until no other Python execution of this session is running.
+    pub async fn python_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.python_turn.lock().await
     }
 
-    pub fn execution(&self, id: &str) -> Option<serde_json::Value> {
+    /// Keeps an execution's answer for `GET executions/{id}`, within
+    /// [`MAX_EXECUTIONS_KEPT`] and [`MAX_EXECUTION_BYTES_KEPT`] (oldest out).
+    pub fn record_execution(&self, id: &str, value: serde_json::Value) {
+        let bytes = bytes::Bytes::from(serialize_within(value, MAX_EXECUTION_RECORD_BYTES));
+        let mut ex = self.executions.lock().expect("session lock");
+        while !ex.kept.is_empty()
+            && (ex.kept.len() >= MAX_EXECUTIONS_KEPT
+                || ex.bytes + bytes.len() > MAX_EXECUTION_BYTES_KEPT)
+        {
+            if let Some((_, old)) = ex.kept.pop_front() {
+                ex.bytes -= old.len();
+            }
+        }
+        ex.bytes += bytes.len();
+        ex.kept.push_back((id.to_string(), bytes));
+    }
+
+    /// A kept execution, as the JSON it was stored as.
+    pub fn execution(&self, id: &str) -> Option<bytes::Bytes> {
         self.executions
             .lock()
             .expect("session lock")
+            .kept
             .iter()
             .find(|(i, _)| i == id)
             .map(|(_, v)| v.clone())
@@ -173,6 +207,63 @@ impl Session {
             "sandboxId": self.sandbox_id(),
         })
     }
+}
+
+/// Serializes a stored execution in at most `max` bytes: figures go first,
+/// then the output streams and the result are cut, with
+/// [`SHORTENED_MARKER`] at the end of stderr.
+fn serialize_within(mut value: serde_json::Value, max: usize) -> Vec<u8> {
+    let bytes = serde_json::to_vec(&value).expect("JSON values serialize");
+    if bytes.len() <= max {
+        return bytes;
+    }
+    if let Some(result) = value.get_mut("result").and_then(|r| r.as_object_mut()) {
+        result.remove("display");
+        if result
+            .get("executionResult")
+            .is_some_and(|r| r.to_string().len() > max / 8)
+        {
+            result.insert("executionResult".into(), serde_json::json!(""));
+        }
+        for key in ["stdout", "stderr"] {
+            if let Some(serde_json::Value::String(s)) = result.get_mut(key) {
+                // A quarter each leaves room for escaping and the rest.
+                let mut cut = (max / 8).min(s.len());
+                while !s.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                s.truncate(cut);
+            }
+        }
+        let stderr = result
+            .entry("stderr")
+            .or_insert_with(|| serde_json::json!(""));
+        if let serde_json::Value::String(s) = stderr {
+            if !s.is_empty() && !s.ends_with('\n') {
+                s.push('\n');
+            }
+            s.push_str(SHORTENED_MARKER);
+        }
+    }
+    let bytes = serde_json::to_vec(&value).expect("JSON values serialize");
+    if bytes.len() <= max {
+        return bytes;
+    }
+    // Still too big (huge fields elsewhere): keep only the summary.
+    let keep = |k: &str| {
+        value
+            .get(k)
+            .filter(|v| v.to_string().len() <= 1024)
+            .cloned()
+    };
+    serde_json::to_vec(&serde_json::json!({
+        "id": keep("id"),
+        "identifier": keep("identifier"),
+        "executionType": keep("executionType"),
+        "status": keep("status"),
+        "result": {"stdout": "", "stderr": SHORTENED_MARKER, "executionResult": ""},
+    }))
+    .expect("JSON values serialize")
 }
 
 pub struct CallGuard(Arc<Session>);
@@ -212,14 +303,79 @@ mod tests {
         assert!(s.expires_at(Duration::from_secs(5)) > s.last_accessed());
     }
 
+    fn stored(s: &Session, id: &str) -> Option<serde_json::Value> {
+        s.execution(id).map(|b| serde_json::from_slice(&b).unwrap())
+    }
+
     #[test]
-    fn executions_are_bounded() {
+    fn executions_are_bounded_by_count() {
         let s = Session::new("py", "abcd");
         for i in 0..(MAX_EXECUTIONS_KEPT + 5) {
             s.record_execution(&i.to_string(), serde_json::json!(i));
         }
         assert!(s.execution("0").is_none());
-        assert_eq!(s.execution("104"), Some(serde_json::json!(104)));
+        assert_eq!(stored(&s, "104"), Some(serde_json::json!(104)));
+    }
+
+    fn execution(id: &str, stdout_bytes: usize, figures: usize) -> serde_json::Value {
+        serde_json::json!({
+            "id": id,
+            "identifier": "abcd",
+            "executionType": "Synchronous",
+            "status": "Succeeded",
+            "result": {
+                "stdout": "o".repeat(stdout_bytes),
+                "stderr": "",
+                "executionResult": 1,
+                "display": vec![serde_json::json!({"base64_data": "A".repeat(1 << 20)}); figures],
+            }
+        })
+    }
+
+    #[test]
+    fn executions_are_bounded_by_bytes() {
+        let s = Session::new("py", "abcd");
+        // Large answers (1 MiB of stdout and 2 MiB of figures each) must
+        // not be kept whole, nor more of them than the byte budget holds.
+        for i in 0..40 {
+            s.record_execution(&i.to_string(), execution(&i.to_string(), 1 << 20, 2));
+        }
+        let kept = s.executions.lock().unwrap().bytes;
+        assert!(kept <= MAX_EXECUTION_BYTES_KEPT, "{kept}");
+        assert!(s.execution("0").is_none());
+        let last = stored(&s, "39").unwrap();
+        assert_eq!(last["status"], "Succeeded");
+        assert!(last["result"].get("display").is_none());
+        assert!(last["result"]["stderr"]
+            .as_str()
+            .unwrap()
+            .ends_with(SHORTENED_MARKER));
+        assert_eq!(last["result"]["executionResult"], 1);
+        // Small answers are kept whole.
+        s.record_execution("small", execution("small", 10, 1));
+        assert_eq!(stored(&s, "small"), Some(execution("small", 10, 1)));
+        let total: usize = s
+            .executions
+            .lock()
+            .unwrap()
+            .kept
+            .iter()
+            .map(|(_, b)| b.len())
+            .sum();
+        assert_eq!(total, s.executions.lock().unwrap().bytes);
+    }
+
+    #[test]
+    fn oversized_records_without_a_result_object_become_a_summary() {
+        let s = Session::new("py", "abcd");
+        s.record_execution(
+            "x",
+            serde_json::json!({"id": "x", "status": "Failed", "result": "r".repeat(4 << 20)}),
+        );
+        let v = stored(&s, "x").unwrap();
+        assert_eq!(v["id"], "x");
+        assert_eq!(v["status"], "Failed");
+        assert_eq!(v["result"]["stderr"], SHORTENED_MARKER);
     }
 
     #[test]

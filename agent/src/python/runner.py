@@ -17,6 +17,12 @@ import traceback
 REQ_FD = 3
 RESP_FD = 4
 TRUNCATED = "\n[output truncated]\n"
+# Figures returned per execution. The daemon reads at most 32 MiB of answer
+# from the agent and keeps the streams and the result at 1 MiB each, so
+# figures get at most 8 MiB of PNG (under 11 MiB as base64).
+MAX_FIGURES = 8
+MAX_FIGURE_BYTES = 4 << 20
+MAX_FIGURES_TOTAL_BYTES = 8 << 20
 RUNNER_FILE = sys._getframe().f_code.co_filename
 
 os.set_inheritable(REQ_FD, False)
@@ -219,28 +225,53 @@ def _format_result(value):
 
 
 def _collect_figures():
+    """The open figures as PNG images within the caps, and a note for each
+    figure left out."""
     plt = sys.modules.get("matplotlib.pyplot")
     if plt is None:
-        return []
+        return [], []
     import base64
     import io
 
     images = []
+    notes = []
+    total = 0
     try:
-        for num in plt.get_fignums():
+        nums = list(plt.get_fignums())
+        for i, num in enumerate(nums):
+            if len(images) == MAX_FIGURES:
+                notes.append(
+                    "%d more figure(s) not returned: at most %d figures are returned per execution"
+                    % (len(nums) - i, MAX_FIGURES)
+                )
+                break
             fig = plt.figure(num)
             buf = io.BytesIO()
             fig.savefig(buf, format="png")
+            png = buf.getvalue()
+            if len(png) > MAX_FIGURE_BYTES:
+                notes.append(
+                    "figure %s not returned: its PNG is %d bytes, over the limit of %d bytes per figure"
+                    % (num, len(png), MAX_FIGURE_BYTES)
+                )
+                continue
+            if total + len(png) > MAX_FIGURES_TOTAL_BYTES:
+                notes.append(
+                    "figure %s not returned: the figures of one execution may total %d bytes of PNG"
+                    % (num, MAX_FIGURES_TOTAL_BYTES)
+                )
+                continue
+            total += len(png)
             images.append(
                 {
                     "type": "image",
                     "format": "png",
-                    "base64_data": base64.b64encode(buf.getvalue()).decode("ascii"),
+                    "base64_data": base64.b64encode(png).decode("ascii"),
                 }
             )
     finally:
         plt.close("all")
-    return images
+    return images, notes
 
 
 def _format_exception(exc):
@@ -302,6 +333,7 @@ def main():
         status = "Success"
         result = ""
         display = []
+        notes = []
         error = None
         capture.start(cap)
         try:
@@ -309,6 +341,12 @@ def main():
             value = _run_cell(req["code"], namespace, counter)
             _in_cell = False
             result = _format_result(value)
+            if isinstance(result, str) and len(result) > cap:
+                # The reply must fit what the daemon reads from the agent.
+                result = result[:cap]
+                notes.append(
+                    "the result was truncated to its first %d characters" % cap
+                )
         except BaseException as exc:  # noqa: B036 - SystemExit and KeyboardInterrupt too
             _in_cell = False
             status = "Failure"
@@ -323,7 +361,8 @@ def main():
             # answer in the runner's name or read its next request.
             os._exit(0)
         try:
-            figures = _collect_figures()
+            figures, figure_notes = _collect_figures()
+            notes.extend(figure_notes)
         except BaseException as exc:  # noqa: B036
             figures = []
             error = (error or "") + "error while saving figures:\n" + _format_exception(exc)
@@ -334,6 +373,10 @@ def main():
         stdout, stderr = capture.stop(cap)
         if error is not None:
             stderr += error
+        for note in notes:
+            if stderr and not stderr.endswith("\n"):
+                stderr += "\n"
+            stderr += "[sessiond] " + note + "\n"
         _send(
             {
                 "status": status,

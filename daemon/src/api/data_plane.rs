@@ -255,42 +255,10 @@ impl Ctx {
             .clamp(1, cooldown.as_secs().max(1) as i64) as u64
     }
 
-    /// Maps an agent failure; a sandbox that died takes its session with it.
+    /// Maps an agent failure; a sandbox that died or stopped answering
+    /// takes its session with it.
     fn agent_error(&self, session: &Arc<Session>, e: AgentCallError) -> ApiError {
-        match e {
-            AgentCallError::Agent {
-                status,
-                code,
-                message,
-            } => {
-                let status = StatusCode::from_u16(status.as_u16())
-                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                ApiError::new(status, &code, message)
-            }
-            // Removed on purpose while this call ran: deleted, pool deleted,
-            // or the daemon is stopping.
-            e if e.is_transport() && session.is_removed() => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "SessionTerminated",
-                format!(
-                    "session {:?} was deleted (or sessiond is shutting down) while this call ran; the next call with this identifier starts a new session",
-                    self.identifier
-                ),
-            ),
-            e if e.is_transport() && self.pool.remove_if_dead(session) => ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "SessionSandboxExited",
-                format!(
-                    "the sandbox of session {:?} exited unexpectedly (killed or crashed); the session was removed with its files, and the next call with this identifier starts a new session",
-                    self.identifier
-                ),
-            ),
-            e => ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "SessionAgentUnavailable",
-                format!("the session's sandbox did not answer: {}", crate::error_chain(&e)),
-            ),
-        }
+        agent_error(&self.pool, &self.identifier, session, e)
     }
 
     fn count_execution(&self, kind: &str, status: &str) {
@@ -303,6 +271,63 @@ impl Ctx {
                 status: status.to_string(),
             })
             .inc();
+    }
+}
+
+/// Maps an agent failure to the caller's error. Only the agent's verdicts on
+/// the request (400, 404, 409, 413, 507, already sanitized by the client)
+/// pass through; a deadline missed destroys the session, since an agent
+/// that stopped answering would otherwise pin a pool slot for good.
+fn agent_error(
+    pool: &Pool,
+    identifier: &str,
+    session: &Arc<Session>,
+    e: AgentCallError,
+) -> ApiError {
+    match e {
+        AgentCallError::Agent {
+            status,
+            code,
+            message,
+        } => ApiError::new(status, &code, message),
+        AgentCallError::Unresponsive { what, after } => {
+            tracing::warn!(sandbox = ?session.sandbox_id(), what, after_s = after.as_secs_f64(), "sandbox agent unresponsive; destroying the session");
+            pool.remove_session(session, "agent unresponsive");
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "SessionSandboxUnresponsive",
+                format!(
+                    "the sandbox of session {identifier:?} did not answer {what} within {} s (stopped, hung or taken over by code in it); the session was destroyed with its files, and the next call with this identifier starts a new session",
+                    after.as_secs_f64()
+                ),
+            )
+        }
+        // Removed on purpose while this call ran: deleted, pool deleted,
+        // or the daemon is stopping.
+        e if e.is_transport() && session.is_removed() => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SessionTerminated",
+            format!(
+                "session {identifier:?} was deleted (or sessiond is shutting down) while this call ran; the next call with this identifier starts a new session"
+            ),
+        ),
+        e if e.is_transport() && pool.remove_if_dead(session) => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "SessionSandboxExited",
+            format!(
+                "the sandbox of session {identifier:?} exited unexpectedly (killed or crashed); the session was removed with its files, and the next call with this identifier starts a new session"
+            ),
+        ),
+        e @ AgentCallError::Failed { .. } => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "SessionAgentError",
+            crate::error_chain(&e),
+        ),
+        e => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "SessionAgentUnavailable",
+            format!("the session's sandbox did not answer: {}", crate::error_chain(&e)),
+        ),
     }
 }
 
@@ -402,6 +427,7 @@ async fn run_python(
     code: &str,
     timeout: Option<u64>,
 ) -> Result<PythonResponse, ApiError> {
+    let _turn = session.python_turn().await;
     let resp = client
         .python(&PythonRequest {
             code: code.to_string(),
@@ -651,14 +677,24 @@ fn get_execution(ctx: &Ctx, id: &str) -> Result<Response, ApiError> {
     let _guard = session.begin_call();
     session
         .execution(id)
-        .map(|v| axum::Json(v).into_response())
+        .map(|v| {
+            (
+                [(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                )],
+                v,
+            )
+                .into_response()
+        })
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "ExecutionNotFound",
                 format!(
-                    "no execution {id:?} in this session (the last {} are kept)",
-                    crate::session::MAX_EXECUTIONS_KEPT
+                    "no execution {id:?} in this session (the last {} are kept, up to {} MiB in all)",
+                    crate::session::MAX_EXECUTIONS_KEPT,
+                    crate::session::MAX_EXECUTION_BYTES_KEPT >> 20
                 ),
             )
         })
@@ -772,23 +808,28 @@ async fn file_meta(ctx: &Ctx, name: &str) -> Result<Response, ApiError> {
 
 async fn download(ctx: &Ctx, name: &str) -> Result<Response, ApiError> {
     let (session, client, guard) = ctx.session().await?;
-    let resp = client
+    let download = client
         .download(name)
         .await
         .map_err(|e| ctx.agent_error(&session, e))?;
-    let len = resp.headers().get(header::CONTENT_LENGTH).cloned();
     // The guard rides along with the body: the session does not expire
-    // while a large download is still streaming.
-    let stream = http_body_util::BodyDataStream::new(resp.into_body()).map(move |chunk| {
+    // while a large download is still streaming. An agent that stalls
+    // mid-stream loses its session like any unresponsive agent.
+    let pool = Arc::clone(&ctx.pool);
+    let identifier = ctx.identifier.clone();
+    let stream = download.body.map(move |chunk| {
         let _keep = &guard;
-        chunk
+        chunk.map_err(|e| {
+            let api = agent_error(&pool, &identifier, &session, e);
+            std::io::Error::other(api.message)
+        })
     });
     let mut out = Response::new(Body::from_stream(stream));
     out.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/octet-stream"),
     );
-    if let Some(len) = len {
+    if let Some(len) = download.content_length {
         out.headers_mut().insert(header::CONTENT_LENGTH, len);
     }
     Ok(out)

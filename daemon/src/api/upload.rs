@@ -130,7 +130,7 @@ pub async fn stream_to_agent(
             std::io::Error::other(e.to_string())
         })
     });
-    let result = client.upload(name, Body::from_stream(stream)).await;
+    let result = client.upload(name, stream).await;
     if too_large.load(Ordering::SeqCst) {
         return Err(UploadFailure::Api(ApiError::payload_too_large(
             MAX_UPLOAD_BYTES,
