@@ -40,6 +40,19 @@ pub enum Command {
     },
     /// Run code in a session (a quick way to try a pool).
     Exec(ExecArgs),
+    /// Run one microVM from a JSON config file, without an API server: the VMM process
+    /// (exits with the guest's status; 128 for a shutdown). See vmm/README.md.
+    Vmm {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Show what this host offers for isolation (KVM kind, with the evidence) and which
+    /// sandbox backend pools use, and why.
+    #[command(alias = "doctor")]
+    Host {
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Args)]

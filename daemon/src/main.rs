@@ -1,12 +1,16 @@
 //! `sessiond`: the host daemon and its command-line interface.
 
 mod jail;
+// The microVM backend for pools (a later issue) is its user; the tests drive it now.
+#[allow(dead_code)]
+mod vmm_jail;
 
 mod agent_client;
 mod api;
 mod backend;
 mod cli;
 mod config;
+mod host;
 mod metrics;
 mod pool;
 mod pool_spec;
@@ -29,7 +33,17 @@ fn main() -> std::process::ExitCode {
     if std::env::args_os().nth(1).as_deref() == Some(OsStr::new("jail-init")) {
         jail::init::run();
     }
+    if std::env::args_os().nth(1).as_deref() == Some(OsStr::new("vmm-jail-init")) {
+        vmm_jail::init::run();
+    }
     let cli = Cli::parse();
+    // Also before any thread: the VMM starts its own vCPU threads, each confined by its
+    // own seccomp filter, and needs no async runtime.
+    match &cli.command {
+        Command::Vmm { config } => return run_vmm(config),
+        Command::Host { output } => return print_host(*output),
+        _ => {}
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -45,6 +59,7 @@ fn main() -> std::process::ExitCode {
             Command::Serve { config } => serve(&config).await,
             Command::Pool { command, conn } => cli::run_pool(command, conn).await,
             Command::Exec(args) => cli::run_exec(args).await,
+            Command::Vmm { .. } | Command::Host { .. } => unreachable!("dispatched above"),
         }
     });
     match result {
@@ -54,6 +69,33 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `sessiond vmm --config <file>`: one microVM in this process until the guest stops.
+fn run_vmm(config: &Path) -> std::process::ExitCode {
+    match vmm::standalone::run(config) {
+        Ok(stop) => std::process::ExitCode::from(vmm::standalone::exit_code(stop)),
+        Err(e) => {
+            eprintln!("sessiond vmm: {}", error_chain(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sessiond host`: this host's KVM, the evidence, and the backend pools use.
+fn print_host(output: cli::Output) -> std::process::ExitCode {
+    let report = host::detect();
+    match output {
+        cli::Output::Table => print!("{}", report.to_text()),
+        cli::Output::Json => match serde_json::to_string_pretty(&report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("sessiond host: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+    }
+    std::process::ExitCode::SUCCESS
 }
 
 /// How long in-flight requests may run on after SIGTERM.
@@ -111,6 +153,8 @@ async fn serve(config_path: &Path) -> anyhow::Result<()> {
     ));
     let isolation = backend.isolation();
     tracing::info!(backend = backend.kind(), %isolation, "sandbox backend ready");
+    let host = Arc::new(host::detect());
+    tracing::info!(kvm = ?host.kvm.kind, reason = %host.reason, "host capability");
 
     let unix = api::bind_unix(&config.listen_unix)?;
     let tcp = match config.listen_tcp {
@@ -141,6 +185,7 @@ async fn serve(config_path: &Path) -> anyhow::Result<()> {
         endpoint_base,
         backend_kind: backend.kind(),
         isolation,
+        host,
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let signal_token = shutdown.clone();

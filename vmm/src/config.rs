@@ -186,19 +186,11 @@ impl VmConfig {
         if kernel.read_exact(&mut magic).is_err() || magic != *b"\x7fELF" {
             return Err(ConfigError::KernelFormat(self.kernel_path.clone()));
         }
-        let serial: SerialOut = match &self.serial_path {
-            Some(path) => Box::new(
-                File::options()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| ConfigError::SerialOpen {
-                        path: path.clone(),
-                        source,
-                    })?,
-            ),
-            None => Box::new(std::io::sink()),
-        };
+        let serial = crate::devices::legacy::serial::open_output(self.serial_path.as_deref())
+            .map_err(|source| ConfigError::SerialOpen {
+                path: self.serial_path.clone().unwrap_or_default(),
+                source,
+            })?;
         let mut blocks = Vec::new();
         for b in &self.block_devices {
             blocks.push((b.clone(), Block::open(&b.path, b.read_only)?));

@@ -14,6 +14,7 @@ pub mod microvm;
 pub mod persist;
 pub mod seccomp;
 pub mod standalone;
+pub mod test_guests;
 pub mod vstate;
 
 pub use builder::{build, BuildError};

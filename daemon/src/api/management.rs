@@ -60,6 +60,7 @@ pub fn pool_json(state: &AppState, pool: &Pool) -> Value {
         "source": pool.source,
         "backend": pool.backend_kind(),
         "isolation": pool.isolation(),
+        "hostCapability": &*state.host,
         "readySessions": counts.ready_sessions,
         "allocatedSessions": counts.allocated_sessions,
         "startingSessions": counts.starting_sessions,

@@ -31,6 +31,8 @@ pub struct AppState {
     pub endpoint_base: String,
     pub backend_kind: &'static str,
     pub isolation: String,
+    /// This host's KVM and why pools use the backend they do.
+    pub host: Arc<crate::host::HostReport>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +146,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         "version": env!("CARGO_PKG_VERSION"),
         "backend": state.backend_kind,
         "isolation": state.isolation,
+        "host": &*state.host,
         "pools": state.pools.list().len(),
     }))
     .into_response()

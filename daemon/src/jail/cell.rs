@@ -42,6 +42,17 @@ pub enum CellError {
     },
     #[error("id {0:?} must be 1..=63 characters of [a-z0-9-]")]
     Id(String),
+    #[error(
+        "{file} has {name:?} with id {id}, inside the uid range {}..{}: choose another uid_base",
+        range.start,
+        range.end
+    )]
+    UidRange {
+        file: &'static str,
+        name: String,
+        id: u32,
+        range: std::ops::Range<u32>,
+    },
     #[error("all {0} uids are in use")]
     NoFreeUid(u32),
     #[error("{0} already exists")]
@@ -87,6 +98,21 @@ impl CellHost {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         {
             return Err(CellError::CgroupName(cgroup_name.to_owned()));
+        }
+        // A host account in the range could signal and trace the cells' processes, and a
+        // cell would own that account's files.
+        let range = uid_base..uid_base.saturating_add(capacity);
+        for file in ["/etc/passwd", "/etc/group"] {
+            if let Ok(text) = fs::read_to_string(file) {
+                if let Some((name, id)) = super::account_in_range(&text, &range) {
+                    return Err(CellError::UidRange {
+                        file,
+                        name,
+                        id,
+                        range,
+                    });
+                }
+            }
         }
         let cgroups = CgroupLayout::discover(cgroup_name)?;
         // The parent (the daemon's run_dir) may hold other things, such as the API

@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// Returns false (after printing why) when this host has no usable /dev/kvm.
 pub fn kvm_available(test: &str) -> bool {
@@ -48,35 +47,7 @@ pub fn scratch(test: &str) -> Scratch {
 
 /// Compiles `tests/guests/<name>.c` into a freestanding ELF entered at 1 MiB in 64-bit mode.
 pub fn build_guest(name: &str, out_dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests");
-    let out = out_dir.join(format!("{name}.elf"));
-    let status = Command::new("gcc")
-        .args([
-            "-ffreestanding",
-            "-nostdlib",
-            "-static",
-            "-no-pie",
-            "-fno-pie",
-            "-mgeneral-regs-only",
-            "-mno-sse",
-            "-mno-red-zone",
-            "-fno-stack-protector",
-            "-fno-asynchronous-unwind-tables",
-            // No endbr64: KVM's instruction emulator may not know it.
-            "-fcf-protection=none",
-            "-O2",
-            "-Wl,--build-id=none",
-            "-Wl,-z,max-page-size=4096",
-            "-Wl,--no-warn-rwx-segments",
-        ])
-        .arg(format!("-Wl,-T,{}", src.join("guest.ld").display()))
-        .arg(src.join(format!("{name}.c")))
-        .arg("-o")
-        .arg(&out)
-        .status()
-        .expect("running gcc (needed to build the test guests)");
-    assert!(status.success(), "gcc failed to build guest {name}");
-    out
+    vmm::test_guests::build(name, out_dir).unwrap_or_else(|e| panic!("{e}: {e:?}"))
 }
 
 /// The serial log, or "" if nothing was written.

@@ -37,6 +37,20 @@ impl Trigger for IrqTrigger {
 /// Guest output sink.
 pub type SerialOut = Box<dyn Write + Send>;
 
+/// The serial output for a configured path: the file (created, or appended to; a FIFO
+/// works too), or discarded when there is none.
+pub fn open_output(path: Option<&std::path::Path>) -> std::io::Result<SerialOut> {
+    Ok(match path {
+        Some(path) => Box::new(
+            std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(path)?,
+        ),
+        None => Box::new(std::io::sink()),
+    })
+}
+
 /// The UART and its output.
 pub struct SerialDevice {
     uart: Serial<IrqTrigger, NoEvents, SerialOut>,

@@ -30,6 +30,9 @@ const TXQ: usize = 1;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
 const IFF_TAP: i16 = 0x0002;
 const IFF_NO_PI: i16 = 0x1000;
 const IFF_VNET_HDR: i16 = 0x4000;
@@ -124,6 +127,29 @@ fn open_tap(name: &str) -> Result<File, NetError> {
         return Err(ioctl_err("TUNSETOFFLOAD")(std::io::Error::last_os_error()));
     }
     Ok(tun)
+}
+
+/// Creates tap `name` (as [`Net::new`] would attach it) as a persistent device owned by
+/// `uid`/`gid`, so that a VMM running as that uid without CAP_NET_ADMIN can attach to it
+/// later. Needs CAP_NET_ADMIN; a jail calls it in the VM's network namespace before it
+/// drops privileges.
+pub fn create_persistent_tap(name: &str, uid: u32, gid: u32) -> Result<(), NetError> {
+    let tun = open_tap(name)?;
+    for (what, request, value) in [
+        ("TUNSETOWNER", TUNSETOWNER, libc::c_ulong::from(uid)),
+        ("TUNSETGROUP", TUNSETGROUP, libc::c_ulong::from(gid)),
+        ("TUNSETPERSIST", TUNSETPERSIST, 1),
+    ] {
+        // SAFETY: these ioctls take their argument by value; no memory is passed.
+        if unsafe { libc::ioctl(tun.as_raw_fd(), request, value) } < 0 {
+            return Err(NetError::Ioctl {
+                name: name.to_owned(),
+                what,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A tap-backed network card.
