@@ -72,6 +72,19 @@ pub fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Cell
     move |source| CellError::Io { what, path, source }
 }
 
+/// A cell id names a directory and a cgroup: 1..=63 characters of `[a-z0-9-]`.
+pub fn check_id(id: &str) -> Result<(), CellError> {
+    if id.is_empty()
+        || id.len() > 63
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(CellError::Id(id.to_owned()));
+    }
+    Ok(())
+}
+
 /// Where a backend's cells live: its cgroup group, its uids and its directory.
 pub struct CellHost {
     cgroups: CgroupLayout,
@@ -163,17 +176,14 @@ impl CellHost {
         })
     }
 
+    pub fn cgroups(&self) -> &CgroupLayout {
+        &self.cgroups
+    }
+
     /// Reserves a uid and creates the cell's directory `<dir>/<id>` (0700). The id names
     /// a directory and a cgroup: 1..=63 characters of `[a-z0-9-]`.
     pub fn create(self: &Arc<Self>, id: &str) -> Result<Cell, CellError> {
-        if id.is_empty()
-            || id.len() > 63
-            || !id
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
-            return Err(CellError::Id(id.to_owned()));
-        }
+        check_id(id)?;
         let slot = self
             .slots
             .lock()

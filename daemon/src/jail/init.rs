@@ -11,17 +11,16 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::{kill, sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{fork, ForkResult, Pid};
+use nix::unistd::Pid;
 use thiserror::Error;
 
-use super::cloexec_pipe;
 use super::loopback::{self, LoopbackError};
+use super::pid1::{self, Forked, Pid1Error};
 use super::privileges::{self, PrivilegeError};
 use super::rootfs::{self, RootfsError};
 use super::seccomp::{self, SeccompError};
@@ -40,30 +39,8 @@ const HOSTNAME: &str = "sandbox";
 
 #[derive(Debug, Error)]
 pub enum InitError {
-    #[error("reading the spec from stdin")]
-    ReadSpec(#[source] io::Error),
-    #[error("parsing the spec")]
-    ParseSpec(#[source] serde_json::Error),
-    #[error("fd {0} was not inherited from the daemon")]
-    MissingFd(i32),
-    #[error("redirecting stdin to /dev/null")]
-    Stdin(#[source] io::Error),
-    #[error("joining cgroup via {path}")]
-    JoinCgroup {
-        path: std::path::PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("unsharing namespaces")]
-    Unshare(#[source] nix::Error),
-    #[error("creating the parent-death pipe")]
-    Pipe(#[source] io::Error),
-    #[error("forking PID 1")]
-    Fork(#[source] nix::Error),
-    #[error("setting the parent-death signal")]
-    DeathSignal(#[source] nix::Error),
-    #[error("jail-init exited before the sandbox started")]
-    ParentGone,
+    #[error(transparent)]
+    Pid1(#[from] Pid1Error),
     #[error("building the file system")]
     Rootfs(#[from] RootfsError),
     #[error("setting the hostname")]
@@ -110,17 +87,7 @@ pub(crate) fn chain(err: &dyn std::error::Error) -> String {
 
 /// Entry point of `sessiond jail-init`; never returns.
 pub fn run() -> ! {
-    let mut id = String::from("?");
-    let code = match supervise(&mut id) {
-        Ok(code) => code,
-        Err(e) => {
-            let msg = chain(&e);
-            eprintln!("sessiond jail-init [{id}]: {msg}");
-            report_status(&msg);
-            1
-        }
-    };
-    std::process::exit(code)
+    pid1::exit_with("jail-init", supervise, report_status)
 }
 
 /// Best effort: the daemon reads this as the reason spawning failed.
@@ -171,71 +138,20 @@ fn supervise(id: &mut String) -> Result<i32, InitError> {
     // SIGPIPE stays ignored (Rust's default) while jail-init writes to the
     // daemon's log pipe.
     reset_signals(false);
-    let mut raw = Vec::new();
-    io::stdin()
-        .read_to_end(&mut raw)
-        .map_err(InitError::ReadSpec)?;
-    let spec: InitSpec = serde_json::from_slice(&raw).map_err(InitError::ParseSpec)?;
+    let spec: InitSpec = pid1::read_spec()?;
     id.clone_from(&spec.sandbox_id);
-
-    for fd in [LISTEN_FD, STATUS_FD] {
-        if !fd_is_open(fd) {
-            return Err(InitError::MissingFd(fd));
-        }
-    }
-    // The status pipe must close when the agent is exec'd: that is the
-    // daemon's signal that setup succeeded.
-    set_cloexec(STATUS_FD);
-    close_from(STATUS_FD as u32 + 1).map_err(InitError::CloseFds)?;
-    let null = File::open("/dev/null").map_err(InitError::Stdin)?;
-    // SAFETY: dup2 onto stdin with a descriptor we own.
-    if unsafe { libc::dup2(null.as_raw_fd(), 0) } < 0 {
-        return Err(InitError::Stdin(io::Error::last_os_error()));
-    }
-    drop(null);
-
-    let pid = std::process::id().to_string();
-    for path in &spec.cgroup_procs {
-        std::fs::write(path, &pid).map_err(|source| InitError::JoinCgroup {
-            path: path.clone(),
-            source,
-        })?;
-    }
-
-    unshare(
-        CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWPID
-            | CloneFlags::CLONE_NEWNET
-            | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWCGROUP,
-    )
-    .map_err(InitError::Unshare)?;
-
-    // The child learns that jail-init died before PDEATHSIG was armed from
-    // this pipe: its write end closes with jail-init.
-    let (death_r, death_w) = cloexec_pipe().map_err(InitError::Pipe)?;
-
+    pid1::keep_fds(&[LISTEN_FD, STATUS_FD])?;
     // SAFETY: jail-init is single-threaded (dispatched from main before any
-    // thread starts), so the child may run arbitrary code after fork.
-    match unsafe { fork() }.map_err(InitError::Fork)? {
-        ForkResult::Child => {
-            drop(death_w);
+    // thread starts).
+    match unsafe { pid1::fork_pid1(&spec.cgroup_procs) }? {
+        Forked::Pid1(death_r) => {
             let err = sandbox_pid1(&spec, death_r);
             let msg = chain(&err);
             eprintln!("sessiond jail-init [{}]: {msg}", spec.sandbox_id);
             report_status(&msg);
             std::process::exit(1)
         }
-        ForkResult::Parent { child } => {
-            drop(death_r);
-            // jail-init sits in the sandbox's memory cgroup: an OOM there
-            // must take sandboxed processes, never the supervisor (whose
-            // death ends the sandbox without a word). Set after fork so the
-            // sandbox does not inherit it; needs CAP_SYS_RESOURCE, which a
-            // daemon in a restricted container may lack: the sandbox's own
-            // raised score (see `build_and_exec`) then still ranks it first.
-            let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
+        Forked::Parent(child, _death_w) => {
             // SAFETY: closing our copies of fds 3 and 4, which nothing else
             // here refers to: only the child and the agent keep them.
             unsafe {
@@ -295,18 +211,7 @@ fn build_and_exec(
     spec: &InitSpec,
     death_r: OwnedFd,
 ) -> Result<std::convert::Infallible, InitError> {
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(InitError::DeathSignal)?;
-    // getppid() is 0 for PID 1 of a new namespace, so check the pipe instead.
-    let mut pfd = libc::pollfd {
-        fd: death_r.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll(2) on one pollfd we own, without waiting.
-    if unsafe { libc::poll(&mut pfd, 1, 0) } > 0 && pfd.revents != 0 {
-        return Err(InitError::ParentGone);
-    }
-    drop(death_r);
+    pid1::tie_to_parent(death_r)?;
 
     // Opened while the host's file system is still in view, at a fixed
     // descriptor that survives the clean-up below and closes at exec.

@@ -17,35 +17,10 @@ pub enum LoopbackError {
 }
 
 pub fn bring_up() -> Result<(), LoopbackError> {
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(LoopbackError::Socket(io::Error::last_os_error()));
-    }
-    // SAFETY: `raw` is a fresh descriptor owned by nobody else.
-    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: SIOCGIFFLAGS reads into the ifreq we own, which outlives the call.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
-        return Err(LoopbackError::GetFlags(io::Error::last_os_error()));
-    }
-    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
-    let flags = unsafe { ifr.ifr_ifru.ifru_flags };
-    ifr.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-    // SAFETY: SIOCSIFFLAGS reads the ifreq we own, which outlives the call.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) } < 0 {
-        return Err(LoopbackError::SetFlags(io::Error::last_os_error()));
-    }
-    Ok(())
+    link_up("lo")
 }
 
-/// Sets link `name` up (and running) in this network namespace: what [`bring_up`] does
-/// for `lo`, for any link. Added for the jailed VMM's tap devices
-/// ([`crate::vmm_jail`]); `bring_up` can become `link_up("lo")`.
+/// Sets link `name` up (and running) in this network namespace.
 pub fn link_up(name: &str) -> Result<(), LoopbackError> {
     let mut ifr: libc::ifreq = {
         // SAFETY: ifreq is plain old data; all zeroes is a valid value.

@@ -22,20 +22,20 @@ pub(crate) mod pid1;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, Command};
+use tokio::io::AsyncReadExt;
+use tokio::process::Child;
 
-use cgroup::{CgroupError, CgroupLayout, CgroupLeaf};
-use slots::UidSlots;
-use spec::{InitSpec, LISTEN_FD, STATUS_FD};
+use cell::{Cell, CellError, CellHost};
+use cgroup::CgroupLeaf;
+use spec::{InitSpec, LISTEN_FD};
 
 /// First uid (and gid) given to sandboxes; sandbox `n` runs as `base + n`.
 pub const DEFAULT_UID_BASE: u32 = 200_000;
@@ -114,8 +114,8 @@ pub enum JailError {
     Config(String),
     #[error("invalid sandbox spec: {0}")]
     Spec(String),
-    #[error("cgroup")]
-    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Cell(#[from] CellError),
     #[error("{what} {path}")]
     Io {
         what: &'static str,
@@ -123,20 +123,8 @@ pub enum JailError {
         #[source]
         source: io::Error,
     },
-    #[error("all {0} sandbox uids are in use")]
-    NoFreeUid(u32),
-    #[error("sandbox {0} already exists")]
-    Exists(String),
-    #[error("starting jail-init {path}")]
-    Start {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
     #[error("jail-init for sandbox {id} failed: {message}")]
     Init { id: String, message: String },
-    #[error("sandbox {id} was not fully removed: {leftovers}")]
-    Leftovers { id: String, leftovers: String },
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> JailError {
@@ -146,9 +134,7 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> JailErro
 
 struct Shared {
     cfg: JailConfig,
-    cgroups: CgroupLayout,
-    slots: Mutex<UidSlots>,
-    sandboxes_dir: PathBuf,
+    cells: Arc<CellHost>,
 }
 
 /// Starts and destroys jail sandboxes. Cheap to share (`Arc` inside).
@@ -170,16 +156,6 @@ fn check_path(what: &str, path: &Path) -> Result<(), JailError> {
     Ok(())
 }
 
-fn create_private_dir(path: &Path) -> Result<(), JailError> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .map_err(io_err("creating", path))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o700))
-        .map_err(io_err("restricting", path))
-}
-
 impl JailBackend {
     /// Checks the configuration, finds the cgroup layout and removes what an
     /// earlier run of the same configuration left behind (its sandboxes'
@@ -199,88 +175,37 @@ impl JailBackend {
                 cfg.agent_binary.display()
             )));
         }
-        if cfg.cgroup_name.is_empty()
-            || !cfg
-                .cgroup_name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-            || cfg.cgroup_name.starts_with('.')
-        {
-            return Err(JailError::Config(format!(
-                "cgroup name {:?} must be [A-Za-z0-9._-] and not start with '.'",
-                cfg.cgroup_name
-            )));
-        }
         if cfg.uid_base == 0 || cfg.uid_base.checked_add(MAX_SANDBOXES).is_none() {
             return Err(JailError::Config(format!(
                 "uid_base {} must be > 0 and leave room for {MAX_SANDBOXES} uids",
                 cfg.uid_base
             )));
         }
-        // A host account in the range could signal and trace sandboxed
-        // processes, and a sandbox would own that account's files.
-        let range = cfg.uid_base..cfg.uid_base + MAX_SANDBOXES;
-        for file in ["/etc/passwd", "/etc/group"] {
-            if let Ok(text) = fs::read_to_string(file) {
-                if let Some((name, id)) = account_in_range(&text, &range) {
-                    return Err(JailError::Config(format!(
-                        "{file} has {name:?} with id {id}, inside the sandbox uid range {}..{}: choose another uid_base",
-                        range.start, range.end
-                    )));
-                }
-            }
-        }
-        let cgroups = CgroupLayout::discover(&cfg.cgroup_name)?;
-        let sandboxes_dir = cfg.run_dir.join("sandboxes");
-        // run_dir may hold other things (the API socket): only create it.
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(&cfg.run_dir)
-            .map_err(io_err("creating", &cfg.run_dir))?;
-        create_private_dir(&sandboxes_dir)?;
-
-        let mut leftovers = Vec::new();
-        for mut leaf in cgroups.stale_leaves() {
-            tracing::warn!(cgroups = ?leaf.dirs(), "removing a sandbox cgroup left by an earlier run");
-            if !teardown_cgroup_blocking(&mut leaf) {
-                leftovers.push(format!("{:?}", leaf.dirs()));
-            }
-        }
-        if let Ok(entries) = fs::read_dir(&sandboxes_dir) {
-            for entry in entries.flatten() {
-                tracing::warn!(dir = %entry.path().display(), "removing a sandbox directory left by an earlier run");
-                if let Err(e) = fs::remove_dir_all(entry.path()) {
-                    leftovers.push(format!("{}: {e}", entry.path().display()));
-                }
-            }
-        }
-        if !leftovers.is_empty() {
-            return Err(JailError::Leftovers {
-                id: "(earlier run)".to_owned(),
-                leftovers: leftovers.join(", "),
-            });
-        }
+        let cells = CellHost::new(
+            &cfg.cgroup_name,
+            cfg.run_dir.join("sandboxes"),
+            cfg.uid_base,
+            MAX_SANDBOXES,
+        )?;
         Ok(Self {
             shared: Arc::new(Shared {
-                slots: Mutex::new(UidSlots::new(MAX_SANDBOXES)),
                 cfg,
-                cgroups,
-                sandboxes_dir,
+                cells: Arc::new(cells),
             }),
         })
     }
 
     /// One line saying how sandboxes are isolated, for the API and the CLI.
     pub fn isolation(&self) -> String {
-        let cpu = if self.shared.cgroups.has_cpu() {
+        let cgroups = self.shared.cells.cgroups();
+        let cpu = if cgroups.has_cpu() {
             ""
         } else {
             " (no cpu quota)"
         };
         format!(
             "jail: namespaces(mnt,pid,net,uts,ipc,cgroup)+seccomp+cgroup {}{cpu}; no hardware virtualization",
-            self.shared.cgroups.version()
+            cgroups.version()
         )
     }
 
@@ -288,70 +213,35 @@ impl JailBackend {
     /// listening on [`JailSandbox::agent_socket`]; the caller then polls the
     /// agent's health over that socket.
     pub async fn spawn(&self, spec: JailSpec) -> Result<JailSandbox, JailError> {
-        let id = spec.sandbox_id.clone();
         validate_spec(&spec)?;
-        let slot = self
-            .shared
-            .slots
-            .lock()
-            .expect("slot lock")
-            .alloc()
-            .ok_or(JailError::NoFreeUid(MAX_SANDBOXES))?;
+        let cell = self.shared.cells.create(&spec.sandbox_id)?;
         let mut sandbox = JailSandbox {
-            socket: self.shared.sandboxes_dir.join(&id).join("agent.sock"),
-            host_dir: self.shared.sandboxes_dir.join(&id),
-            id,
-            child: None,
-            leaf: None,
-            slot: Some(slot),
-            shared: self.shared.clone(),
-            torn_down: false,
+            socket: cell.dir().join("agent.sock"),
+            cell,
         };
-        match self.start(&mut sandbox, &spec, slot).await {
+        match self.start(&mut sandbox, &spec).await {
             Ok(()) => Ok(sandbox),
             Err(e) => {
-                if !matches!(e, JailError::Exists(_)) {
-                    if let Err(cleanup) = sandbox.teardown().await {
-                        tracing::warn!(sandbox = %sandbox.id, error = %cleanup, "cleanup after a failed spawn");
-                    }
-                } else {
-                    // The directory belongs to the live sandbox of that id.
-                    sandbox.host_dir = PathBuf::new();
-                    sandbox.release_slot();
-                    sandbox.torn_down = true;
+                if let Err(cleanup) = sandbox.cell.teardown().await {
+                    tracing::warn!(sandbox = %spec.sandbox_id, error = %cleanup, "cleanup after a failed spawn");
                 }
                 Err(e)
             }
         }
     }
 
-    async fn start(
-        &self,
-        sandbox: &mut JailSandbox,
-        spec: &JailSpec,
-        slot: u32,
-    ) -> Result<(), JailError> {
+    async fn start(&self, sandbox: &mut JailSandbox, spec: &JailSpec) -> Result<(), JailError> {
         let cfg = &self.shared.cfg;
-        let id = &sandbox.id.clone();
-        match fs::DirBuilder::new().mode(0o700).create(&sandbox.host_dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(JailError::Exists(id.clone()))
-            }
-            Err(e) => return Err(io_err("creating", &sandbox.host_dir)(e)),
-        }
-        let staging = sandbox.host_dir.join("root");
+        let cell = &mut sandbox.cell;
+        let id = cell.id().to_owned();
+        let uid = cell.uid().expect("a new cell has a uid");
+        let staging = cell.dir().join("root");
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&staging)
             .map_err(io_err("creating", &staging))?;
         let listener =
             UnixListener::bind(&sandbox.socket).map_err(io_err("binding", &sandbox.socket))?;
-
-        sandbox.leaf = Some(self.shared.cgroups.create_leaf(id, &spec.limits)?);
-        let leaf = sandbox.leaf.as_ref().expect("just set");
-
-        let uid = cfg.uid_base + slot;
         let init_spec = InitSpec {
             sandbox_id: id.clone(),
             rootfs: cfg.rootfs.clone(),
@@ -359,95 +249,18 @@ impl JailBackend {
             staging_dir: staging,
             uid,
             gid: uid,
-            cgroup_procs: leaf.procs_files(),
+            cgroup_procs: cell.create_leaf(&spec.limits)?,
             disk_bytes: spec.limits.disk_bytes,
             env: agent_env(&spec.env),
         };
         let json = serde_json::to_vec(&init_spec).expect("spec serializes");
-
-        // Moved to descriptors >= 10 first, so the dup2 calls below cannot
-        // overwrite each other; close-on-exec keeps them out of any other
-        // child the daemon starts meanwhile.
-        let listen_high =
-            dup_high(listener.as_raw_fd()).map_err(io_err("duplicating", &sandbox.socket))?;
-        drop(listener);
-        let (status_r, status_w) =
-            cloexec_pipe().map_err(io_err("creating the status pipe for", &sandbox.host_dir))?;
-        let status_high = dup_high(status_w.as_raw_fd())
-            .map_err(io_err("duplicating the status pipe for", &sandbox.host_dir))?;
-        drop(status_w);
-        let (listen_raw, status_raw) = (listen_high.as_raw_fd(), status_high.as_raw_fd());
-
-        let mut cmd = Command::new(&cfg.init_binary);
-        cmd.arg("jail-init")
-            .arg(id)
-            .env_clear()
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        // SAFETY: the closure only calls async-signal-safe functions (dup2,
-        // setsid) on descriptors that stay open in the parent until spawn
-        // returns.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::dup2(listen_raw, LISTEN_FD) < 0
-                    || libc::dup2(status_raw, STATUS_FD) < 0
-                    || libc::setsid() < 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(|source| JailError::Start {
-            path: cfg.init_binary.clone(),
-            source,
-        })?;
-        drop(listen_high);
-        drop(status_high);
-        tracing::debug!(sandbox = %id, pid = child.id(), uid, "jail-init started");
-
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
-        sandbox.child = Some(child);
-        if let Some(out) = stdout {
-            tokio::spawn(forward_log(id.clone(), "stdout", out));
-        }
-        if let Some(err) = stderr {
-            tokio::spawn(forward_log(id.clone(), "stderr", err));
-        }
-        if let Some(mut stdin) = stdin {
-            stdin.write_all(&json).await.map_err(io_err(
-                "writing the spec to jail-init of",
-                &sandbox.host_dir,
-            ))?;
-        }
-
-        let mut status = tokio::net::unix::pipe::Receiver::from_owned_fd(status_r)
-            .map_err(io_err("watching the status pipe of", &sandbox.host_dir))?;
-        let mut message = String::new();
-        let read = tokio::time::timeout(SETUP_TIMEOUT, status.read_to_string(&mut message)).await;
-        match read {
-            Err(_) => {
-                return Err(JailError::Init {
-                    id: id.clone(),
-                    message: format!("no agent after {SETUP_TIMEOUT:?}"),
-                })
-            }
-            Ok(Err(e)) => return Err(io_err("reading the status pipe of", &sandbox.host_dir)(e)),
-            Ok(Ok(_)) if !message.is_empty() => {
-                return Err(JailError::Init {
-                    id: id.clone(),
-                    message,
-                })
-            }
-            Ok(Ok(_)) => {}
-        }
+        let fds = [(OwnedFd::from(listener), LISTEN_FD)];
+        cell.launch(&cfg.init_binary, "jail-init", &fds, &json, SETUP_TIMEOUT)
+            .await?;
         // The pipe also closes when jail-init dies before reporting.
         if !sandbox.is_alive() {
             return Err(JailError::Init {
-                id: id.clone(),
+                id,
                 message: "jail-init exited before starting the agent (see its log)".to_owned(),
             });
         }
@@ -469,12 +282,7 @@ fn account_in_range(text: &str, range: &std::ops::Range<u32>) -> Option<(String,
 
 fn validate_spec(spec: &JailSpec) -> Result<(), JailError> {
     let id = &spec.sandbox_id;
-    if id.is_empty()
-        || id.len() > 63
-        || !id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
+    if cell::check_id(id).is_err() {
         return Err(JailError::Spec(format!(
             "sandbox id {id:?} must be 1..=63 characters of [a-z0-9-]"
         )));
@@ -718,20 +526,14 @@ fn teardown_cgroup_blocking(leaf: &mut CgroupLeaf) -> bool {
 /// A running sandbox. Call [`JailSandbox::destroy`]; dropping it instead
 /// tears it down synchronously (blocking for up to a few seconds).
 pub struct JailSandbox {
-    id: String,
+    cell: Cell,
     socket: PathBuf,
-    host_dir: PathBuf,
-    child: Option<Child>,
-    leaf: Option<CgroupLeaf>,
-    slot: Option<u32>,
-    shared: Arc<Shared>,
-    torn_down: bool,
 }
 
 impl std::fmt::Debug for JailSandbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JailSandbox")
-            .field("id", &self.id)
+            .field("id", &self.cell.id())
             .field("socket", &self.socket)
             .field("uid", &self.uid())
             .finish()
@@ -740,7 +542,7 @@ impl std::fmt::Debug for JailSandbox {
 
 impl JailSandbox {
     pub fn id(&self) -> &str {
-        &self.id
+        self.cell.id()
     }
 
     /// Host path of the agent's listening socket.
@@ -750,148 +552,33 @@ impl JailSandbox {
 
     /// Whether jail-init (and so the sandbox) is still running.
     pub fn is_alive(&mut self) -> bool {
-        self.child
-            .as_mut()
+        self.cell
+            .child_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Private memory of the sandbox (anonymous + tmpfs + kernel), from its
     /// cgroup; the shared file cache of the rootfs is not counted.
     pub fn memory_private_bytes(&self) -> Option<u64> {
-        self.leaf.as_ref()?.memory_private_bytes()
+        self.cell.leaf()?.memory_private_bytes()
     }
 
     /// The uid every process of the sandbox runs as.
     pub fn uid(&self) -> Option<u32> {
-        self.slot.map(|s| self.shared.cfg.uid_base + s)
+        self.cell.uid()
     }
 
     /// The sandbox's cgroup directories (one per hierarchy), for tests and
     /// diagnostics.
     #[allow(dead_code)]
     pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
-        self.leaf.as_ref().map(CgroupLeaf::dirs).unwrap_or_default()
+        self.cell.leaf().map(CgroupLeaf::dirs).unwrap_or_default()
     }
 
     /// Kills every process of the sandbox and removes its cgroup and host
     /// directory. Whatever could not be removed is logged and returned.
     pub async fn destroy(mut self) -> Result<(), JailError> {
-        self.teardown().await
-    }
-
-    fn release_slot(&mut self) {
-        if let Some(slot) = self.slot.take() {
-            self.shared.slots.lock().expect("slot lock").free(slot);
-        }
-    }
-
-    async fn teardown(&mut self) -> Result<(), JailError> {
-        self.torn_down = true;
-        if let Some(mut child) = self.child.take() {
-            // On SIGTERM jail-init kills and reaps PID 1, whose death ends
-            // every process of the pid namespace. SIGKILL is the fallback:
-            // PID 1 then dies of PDEATHSIG, reaped by the host's init.
-            terminate(&child);
-            if tokio::time::timeout(TERM_GRACE, child.wait())
-                .await
-                .is_err()
-            {
-                tracing::warn!(sandbox = %self.id, "jail-init ignored SIGTERM: killing it");
-                let _ = child.start_kill();
-                if tokio::time::timeout(TEARDOWN_TIMEOUT, child.wait())
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!(sandbox = %self.id, "jail-init did not exit after SIGKILL");
-                }
-            }
-        }
-        let mut leftovers = Vec::new();
-        if let Some(mut leaf) = self.leaf.take() {
-            let deadline = tokio::time::Instant::now() + TEARDOWN_TIMEOUT;
-            let gone = loop {
-                leaf.kill_all();
-                if leaf.is_empty() && leaf.try_remove() {
-                    break true;
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    break false;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            };
-            if !gone {
-                leftovers.push(format!("cgroups {:?}", leaf.dirs()));
-            }
-        }
-        if leftovers.is_empty() {
-            // Only now is no process of that uid left: the uid may be reused.
-            self.release_slot();
-        } else {
-            tracing::warn!(sandbox = %self.id, uid = ?self.uid(), "uid kept out of use: processes may remain");
-        }
-        if !self.host_dir.as_os_str().is_empty() {
-            match fs::remove_dir_all(&self.host_dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => leftovers.push(format!("{}: {e}", self.host_dir.display())),
-            }
-        }
-        if leftovers.is_empty() {
-            tracing::info!(sandbox = %self.id, "sandbox destroyed");
-            Ok(())
-        } else {
-            let leftovers = leftovers.join(", ");
-            tracing::warn!(sandbox = %self.id, %leftovers, "sandbox not fully removed");
-            Err(JailError::Leftovers {
-                id: self.id.clone(),
-                leftovers,
-            })
-        }
-    }
-
-    fn teardown_blocking(&mut self) {
-        self.torn_down = true;
-        if let Some(mut child) = self.child.take() {
-            let exited = |child: &mut Child, within: Duration| {
-                let deadline = std::time::Instant::now() + within;
-                loop {
-                    if !matches!(child.try_wait(), Ok(None)) {
-                        return true;
-                    }
-                    if std::time::Instant::now() >= deadline {
-                        return false;
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            };
-            terminate(&child);
-            if !exited(&mut child, TERM_GRACE) {
-                let _ = child.start_kill();
-                exited(&mut child, TEARDOWN_TIMEOUT);
-            }
-        }
-        let mut clean = true;
-        if let Some(mut leaf) = self.leaf.take() {
-            clean = teardown_cgroup_blocking(&mut leaf);
-            if !clean {
-                tracing::warn!(sandbox = %self.id, cgroups = ?leaf.dirs(), "sandbox cgroup not removed");
-            }
-        }
-        if clean {
-            self.release_slot();
-        }
-        if !self.host_dir.as_os_str().is_empty() {
-            let _ = fs::remove_dir_all(&self.host_dir);
-        }
-    }
-}
-
-impl Drop for JailSandbox {
-    fn drop(&mut self) {
-        if !self.torn_down {
-            tracing::warn!(sandbox = %self.id, "sandbox dropped without destroy: tearing it down");
-            self.teardown_blocking();
-        }
+        Ok(self.cell.teardown().await?)
     }
 }
 

@@ -236,22 +236,7 @@ fn build_dev(dev: &Path) -> Result<(), RootfsError> {
         Some("mode=0755,size=65536"),
     )?;
     for &(name, major, minor) in DEVICES {
-        let node = dev.join(name);
-        mknod(
-            &node,
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            makedev(major, minor),
-        )
-        .map_err(|source| RootfsError::Node {
-            path: node.clone(),
-            source,
-        })?;
-        // mknod applies the umask.
-        prepare(
-            &node,
-            fs::set_permissions(&node, fs::Permissions::from_mode(0o666)),
-        )?;
+        char_device(&dev.join(name), (major, minor), 0o666)?;
     }
     for (link, target) in [
         ("fd", "/proc/self/fd"),
@@ -367,8 +352,7 @@ pub(crate) fn pivot(root: &Path) -> Result<(), RootfsError> {
     nix::unistd::chdir("/").map_err(err)
 }
 
-/// Creates character device `path` with exactly `mode` (mknod applies the umask). Added
-/// for the jailed VMM's device nodes ([`crate::vmm_jail`]); `build_dev` can use it too.
+/// Creates character device `path` with exactly `mode` (mknod applies the umask).
 pub(crate) fn char_device(
     path: &Path,
     (major, minor): (u64, u64),
