@@ -35,6 +35,14 @@ impl Backend {
         }
     }
 
+    /// Releases host resources the backend holds beyond its sandboxes; call
+    /// once every sandbox was destroyed.
+    pub fn shutdown(&self) {
+        match self {
+            Backend::Jail(j) => j.shutdown(),
+        }
+    }
+
     /// What isolation the backend gives, stated plainly for the API and CLI.
     pub fn isolation(&self) -> String {
         match self {

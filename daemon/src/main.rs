@@ -218,6 +218,7 @@ async fn serve(config_path: &Path) -> anyhow::Result<()> {
     tracing::info!("shutting down: destroying all sandboxes");
     shutdown.cancel();
     pools.shutdown().await;
+    backend.shutdown();
     let _ = std::fs::remove_file(&config.listen_unix);
     served.context("server task failed")??;
     tracing::info!("sessiond stopped");

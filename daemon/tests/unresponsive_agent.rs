@@ -5,13 +5,16 @@
 //! and the next call with the identifier gets a fresh session. Runs the real
 //! daemon on real jails; needs root, the guest rootfs and the agent binary.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
+
+use common::{Daemon, Response};
 
 const V2: &str = "api-version=2025-02-02-preview";
 /// Mirrors `agent_client::Deadlines::default()`.
@@ -20,121 +23,14 @@ const EXEC_GRACE: Duration = Duration::from_secs(20);
 /// Scheduling slack on a loaded 2-core machine.
 const SLACK: Duration = Duration::from_secs(8);
 
+const POOLS: &str = "[[pools]]\nname = \"sh\"\ncontainerType = \"Shell\"\nmaxConcurrentSessions = 1\nreadySessionInstances = 0\ncooldownPeriodInSeconds = 600\n";
+
 fn environment() -> Option<(PathBuf, PathBuf)> {
-    let reason = (|| {
-        if !nix::unistd::geteuid().is_root() {
-            return Err("needs root (namespaces, cgroups, mounts)".to_string());
-        }
-        let agent = Path::new(env!("CARGO_BIN_EXE_sessiond")).with_file_name("sessiond-agent");
-        if !agent.is_file() {
-            return Err(format!(
-                "agent {} missing: run `cargo build -p sessiond-agent`",
-                agent.display()
-            ));
-        }
-        let rootfs = match std::env::var_os("SESSIOND_ROOTFS") {
-            Some(p) => PathBuf::from(p),
-            None => {
-                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-rootfs");
-                let out = Command::new(&script)
-                    .stderr(Stdio::inherit())
-                    .output()
-                    .map_err(|e| format!("running {}: {e}", script.display()))?;
-                PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-            }
-        };
-        if !rootfs.join("usr/bin/python3").exists() {
-            return Err(format!("no usable rootfs at {}", rootfs.display()));
-        }
-        Ok((rootfs, agent))
-    })();
-    match reason {
-        Ok(env) => Some(env),
-        Err(r) => {
-            eprintln!("skipping unresponsive-agent test: {r}");
-            None
-        }
-    }
-}
-
-struct Answer {
-    status: u16,
-    body: Value,
-}
-
-fn request(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Answer {
-    let mut s = UnixStream::connect(socket).expect("connect to the API socket");
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, rest) = text.split_once("\r\n\r\n").expect("HTTP response");
-    Answer {
-        status: head[9..12].parse().unwrap(),
-        body: serde_json::from_str(rest).unwrap_or(Value::String(rest.to_string())),
-    }
-}
-
-struct Daemon {
-    child: Child,
-    dir: PathBuf,
-    socket: PathBuf,
+    common::environment("unresponsive-agent")
 }
 
 impl Daemon {
-    fn start(dir: &Path, rootfs: &Path, agent: &Path) -> Daemon {
-        let socket = dir.join("api.sock");
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "listen_unix = {socket:?}\nstate_dir = {state:?}\nrun_dir = {run:?}\nrootfs = {rootfs:?}\nagent_binary = {agent:?}\nuid_base = 2300000\n\n[[pools]]\nname = \"sh\"\ncontainerType = \"Shell\"\nmaxConcurrentSessions = 1\nreadySessionInstances = 0\ncooldownPeriodInSeconds = 600\n",
-                state = dir.join("state"),
-                run = dir.join("run"),
-            ),
-        )
-        .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_sessiond"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("sessiond.log")).unwrap())
-            .spawn()
-            .expect("start sessiond");
-        let mut d = Daemon {
-            child,
-            dir: dir.to_path_buf(),
-            socket,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = d.child.try_wait() {
-                panic!("sessiond exited with {status}; log: {}", d.log());
-            }
-            if UnixStream::connect(&d.socket).is_ok() {
-                return d;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("sessiond did not listen; log: {}", d.log());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("sessiond.log")).unwrap_or_default()
-    }
-
-    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Answer {
-        request(&self.socket, method, path, body)
-    }
-
-    fn shell(&self, id: &str, command: &str, timeout_s: u64) -> Answer {
+    fn shell(&self, id: &str, command: &str, timeout_s: u64) -> Response {
         self.call(
             "POST",
             &format!("/pools/sh/executions?identifier={id}&{V2}"),
@@ -142,7 +38,7 @@ impl Daemon {
         )
     }
 
-    fn upload(&self, id: &str, name: &str, content: &str) -> Answer {
+    fn upload(&self, id: &str, name: &str, content: &str) -> Response {
         let body = format!(
             "--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\r\n{content}\r\n--B--\r\n"
         );
@@ -155,33 +51,16 @@ impl Daemon {
         .unwrap();
         let mut raw = String::new();
         s.read_to_string(&mut raw).unwrap();
-        let (head, rest) = raw.split_once("\r\n\r\n").unwrap();
-        Answer {
-            status: head[9..12].parse().unwrap(),
-            body: serde_json::from_str(rest).unwrap_or(Value::String(rest.to_string())),
-        }
+        Response::parse(&raw)
     }
 
     fn session_count(&self) -> usize {
         let r = self.call("GET", "/management/pools/sh/sessions", None);
         r.body["value"].as_array().map_or(0, Vec::len)
     }
-
-    fn sandboxes_left(&self) -> usize {
-        std::fs::read_dir(self.dir.join("run/sandboxes"))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn assert_destroyed(d: &Daemon, r: &Answer, took: Duration, deadline: Duration) {
+fn assert_destroyed(d: &Daemon, r: &Response, took: Duration, deadline: Duration) {
     assert_eq!(r.status, 502, "{:?}; log: {}", r.body, d.log());
     assert_eq!(
         r.body["error"]["code"], "SessionSandboxUnresponsive",
@@ -230,7 +109,14 @@ fn a_stopped_agent_costs_its_session_not_the_pool() {
     ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let d = Daemon::start(&dir, &rootfs, &agent);
+    let d = Daemon::start(
+        &dir,
+        &rootfs,
+        &agent,
+        2_300_000,
+        POOLS,
+        Duration::from_secs(120),
+    );
 
     // An execution that stops the agent before it can answer: the call
     // fails at the execution's timeout plus the grace.

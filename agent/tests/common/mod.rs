@@ -138,10 +138,9 @@ impl Agent {
             .expect("request")
     }
 
-    pub async fn py_req(&self, req: Value) -> PythonResponse {
-        let r = self
-            .request("POST", "/execute/python", req.to_string())
-            .await;
+    /// POSTs `req` to `path`, insists on 200 and decodes the JSON answer.
+    async fn post_ok<T: serde::de::DeserializeOwned>(&self, path: &str, req: Value) -> T {
+        let r = self.request("POST", path, req.to_string()).await;
         assert_eq!(
             r.status,
             StatusCode::OK,
@@ -149,6 +148,10 @@ impl Agent {
             String::from_utf8_lossy(&r.body)
         );
         serde_json::from_slice(&r.body).unwrap()
+    }
+
+    pub async fn py_req(&self, req: Value) -> PythonResponse {
+        self.post_ok("/execute/python", req).await
     }
 
     pub async fn py(&self, code: &str) -> PythonResponse {
@@ -156,16 +159,7 @@ impl Agent {
     }
 
     pub async fn sh(&self, req: Value) -> ShellResponse {
-        let r = self
-            .request("POST", "/execute/shell", req.to_string())
-            .await;
-        assert_eq!(
-            r.status,
-            StatusCode::OK,
-            "{}",
-            String::from_utf8_lossy(&r.body)
-        );
-        serde_json::from_slice(&r.body).unwrap()
+        self.post_ok("/execute/shell", req).await
     }
 }
 

@@ -305,6 +305,17 @@ impl CgroupLayout {
         self.version
     }
 
+    /// Removes the `<own>/<group_name>` directories once every sandbox in them
+    /// is gone (clean shutdown); a directory still holding a sandbox stays and
+    /// is cleaned at the next start.
+    pub fn remove_groups(&self) {
+        for group in &self.groups {
+            if let Err(e) = fs::remove_dir(&group.dir) {
+                tracing::warn!(dir = %group.dir.display(), error = %e, "sandbox cgroup parent left behind");
+            }
+        }
+    }
+
     /// Whether CPU quotas are enforced.
     pub fn has_cpu(&self) -> bool {
         self.version == CgroupVersion::V2 || self.groups.iter().any(|g| g.controller == "cpu")

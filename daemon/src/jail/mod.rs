@@ -195,6 +195,12 @@ impl JailBackend {
         })
     }
 
+    /// Removes the backend's cgroup parents; call after every sandbox was
+    /// destroyed.
+    pub fn shutdown(&self) {
+        self.shared.cells.cgroups().remove_groups();
+    }
+
     /// One line saying how sandboxes are isolated, for the API and the CLI.
     pub fn isolation(&self) -> String {
         let cgroups = self.shared.cells.cgroups();

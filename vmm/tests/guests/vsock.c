@@ -4,30 +4,13 @@
  *  2. prints "listening", accepts a host connection to port 1234, echoes what it receives
  *     prefixed with "echo:", and waits for the host to close.
  */
-#include "virtio.h"
+#include "vsock.h"
 
-#define DEV VIRTIO_MMIO_BASE
 #define RX_BUFS 4
-#define RX_BUF(i) (0x420000UL + (u64)(i) * 0x2000)
 #define TX_BUF 0x430000UL
 #define EV_BUF 0x438000UL
 #define BUF_ALLOC 16384
 #define SPINS 3000000UL
-
-struct hdr {
-    u64 src_cid;
-    u64 dst_cid;
-    u32 src_port;
-    u32 dst_port;
-    u32 len;
-    u16 type;
-    u16 op;
-    u32 flags;
-    u32 buf_alloc;
-    u32 fwd_cnt;
-} __attribute__((packed));
-
-enum { OP_REQUEST = 1, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_UPDATE };
 
 static struct vq rxq, txq, evq;
 static u64 cid;
@@ -92,16 +75,8 @@ static void recv(struct hdr *out, char *payload, u32 max)
 
 void main(void)
 {
-    if (virtio_begin(DEV, 19) || vq_setup(DEV, &rxq, 0, 0x404000) || vq_setup(DEV, &txq, 1, 0x408000) ||
-        vq_setup(DEV, &evq, 2, 0x40c000))
+    if (vsock_start(&rxq, &txq, &evq, RX_BUFS, &cid))
         fail("init");
-    virtio_ready(DEV);
-    cid = mmio_read(DEV, R_CONFIG) | ((u64)mmio_read(DEV, R_CONFIG + 4) << 32);
-    for (int i = 0; i < RX_BUFS; i++) {
-        vq_desc(&rxq, i, RX_BUF(i), sizeof(struct hdr) + 4096, VRING_DESC_F_WRITE, 0);
-        vq_offer(&rxq, (u16)i);
-    }
-    mmio_write(DEV, R_QUEUE_NOTIFY, 0);
     vq_desc(&evq, 0, EV_BUF, 8, VRING_DESC_F_WRITE, 0);
     vq_submit(DEV, &evq, 0);
     serial_puts("cid=");

@@ -6,7 +6,7 @@ use std::io::{Seek, SeekFrom};
 use std::path::Path;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::chain::{self, ChainError};
@@ -153,13 +153,7 @@ impl VirtioDevice for Block {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // Only `capacity` (u64 sectors at offset 0) is provided; the rest reads as zero.
         let cap = self.sectors.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| cap.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&cap, offset, data);
     }
 
     fn process_queue(
@@ -170,16 +164,7 @@ impl VirtioDevice for Block {
     ) -> Result<bool, ChainError> {
         let queue = &mut queues[0];
         let mut used = false;
-        loop {
-            let next = queue
-                .iter(mem)
-                .map_err(|e| ChainError::AvailRing(format!("{e:?}")))?
-                .next();
-            let Some(head) = next else {
-                break;
-            };
-            let index = head.head_index();
-            let descs = chain::validate(head, mem)?;
+        while let Some((index, descs)) = chain::pop(queue, mem)? {
             // Header (readable, 16 bytes) first, status (writable, 1 byte) last, data between.
             let (Some(hdr), Some(status)) = (descs.first(), descs.last()) else {
                 return Err(ChainError::Missing("descriptors"));

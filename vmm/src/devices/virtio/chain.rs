@@ -3,8 +3,8 @@
 //! (no loops, bounded length), and the total length is bounded.
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::DescriptorChain;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Longest chain accepted (Linux never builds longer ones for the devices emulated here).
 pub const MAX_CHAIN_LEN: usize = 256;
@@ -28,6 +28,46 @@ pub enum ChainError {
     UsedRing(String),
     #[error("the request has no {0}")]
     Missing(&'static str),
+}
+
+/// Takes the next chain the driver made available on `queue` and validates it: returns its head
+/// index (what the used ring answers with) and its descriptors, or None when the driver has
+/// offered nothing new.
+pub fn pop(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+) -> Result<Option<(u16, Vec<Descriptor>)>, ChainError> {
+    let next = queue
+        .iter(mem)
+        .map_err(|e| ChainError::AvailRing(format!("{e:?}")))?
+        .next();
+    let Some(head) = next else {
+        return Ok(None);
+    };
+    let index = head.head_index();
+    Ok(Some((index, validate(head, mem)?)))
+}
+
+/// Concatenates the driver-readable buffers of a validated chain, refusing more than `max`
+/// bytes in all; `what` names the buffer in the error when guest memory cannot be read.
+pub fn read_readable(
+    descs: &[Descriptor],
+    mem: &GuestMemoryMmap,
+    max: usize,
+    what: &'static str,
+) -> Result<Vec<u8>, ChainError> {
+    let mut bytes = Vec::new();
+    for d in descs.iter().filter(|d| !d.is_write_only()) {
+        let len = d.len() as usize;
+        if bytes.len() + len > max {
+            return Err(ChainError::TooBig((bytes.len() + len) as u64));
+        }
+        let start = bytes.len();
+        bytes.resize(start + len, 0);
+        mem.read_slice(&mut bytes[start..], d.addr())
+            .map_err(|_| ChainError::Missing(what))?;
+    }
+    Ok(bytes)
 }
 
 /// Walks a chain and checks every descriptor; returns the descriptors in order.

@@ -431,6 +431,27 @@ mod tests {
         )
     }
 
+    /// A transport whose driver accepted VIRTIO_F_VERSION_1 and then set up queue 0 (size 8,
+    /// rings at 0x10000/0x11000/0x12000, descriptor table address high word `desc_high`) and
+    /// asked for it to be made ready.
+    fn transport_with_queue(desc_high: u32) -> MmioTransport {
+        let mut t = transport();
+        wr(&mut t, reg::DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, reg::DRIVER_FEATURES, 1);
+        wr(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        wr(&mut t, reg::QUEUE_NUM, 8);
+        wr(&mut t, reg::QUEUE_DESC_LOW, 0x10000);
+        wr(&mut t, reg::QUEUE_DESC_HIGH, desc_high);
+        wr(&mut t, reg::QUEUE_AVAIL_LOW, 0x11000);
+        wr(&mut t, reg::QUEUE_USED_LOW, 0x12000);
+        wr(&mut t, reg::QUEUE_READY, 1);
+        t
+    }
+
     #[test]
     fn identifies_and_negotiates_features() {
         let mut t = transport();
@@ -462,19 +483,7 @@ mod tests {
 
     #[test]
     fn broken_queue_sets_needs_reset_until_reset() {
-        let mut t = transport();
-        wr(&mut t, reg::DRIVER_FEATURES_SEL, 1);
-        wr(&mut t, reg::DRIVER_FEATURES, 1);
-        wr(
-            &mut t,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
-        wr(&mut t, reg::QUEUE_NUM, 8);
-        wr(&mut t, reg::QUEUE_DESC_LOW, 0x10000);
-        wr(&mut t, reg::QUEUE_AVAIL_LOW, 0x11000);
-        wr(&mut t, reg::QUEUE_USED_LOW, 0x12000);
-        wr(&mut t, reg::QUEUE_READY, 1);
+        let mut t = transport_with_queue(0);
         assert_eq!(rd(&mut t, reg::QUEUE_READY), 1);
         let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
         wr(&mut t, reg::STATUS, s);
@@ -492,20 +501,7 @@ mod tests {
 
     #[test]
     fn queue_with_rings_outside_memory_is_refused() {
-        let mut t = transport();
-        wr(&mut t, reg::DRIVER_FEATURES_SEL, 1);
-        wr(&mut t, reg::DRIVER_FEATURES, 1);
-        wr(
-            &mut t,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
-        wr(&mut t, reg::QUEUE_NUM, 8);
-        wr(&mut t, reg::QUEUE_DESC_LOW, 0x10000);
-        wr(&mut t, reg::QUEUE_DESC_HIGH, 0x10);
-        wr(&mut t, reg::QUEUE_AVAIL_LOW, 0x11000);
-        wr(&mut t, reg::QUEUE_USED_LOW, 0x12000);
-        wr(&mut t, reg::QUEUE_READY, 1);
+        let mut t = transport_with_queue(0x10);
         assert_eq!(rd(&mut t, reg::QUEUE_READY), 0);
         assert_ne!(rd(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
     }

@@ -28,6 +28,28 @@ pub mod status {
 pub const INT_USED_RING: u32 = 1;
 pub const INT_CONFIG: u32 = 2;
 
+/// Copies the window `offset..offset + data.len()` of a device's configuration space `config`
+/// into `data`; bytes past the end of `config` (or an unrepresentable offset) read as zero, so a
+/// driver probing beyond the fields a device provides sees zeros rather than an error.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| config.get(o + i))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
+/// An epoll set watching `fd` for input: what a device's event thread waits on for its host
+/// side (a tap, a listening socket).
+pub fn epoll_on_input(fd: std::os::fd::RawFd) -> std::io::Result<vmm_sys_util::epoll::Epoll> {
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+    let epoll = Epoll::new()?;
+    epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 0))?;
+    Ok(epoll)
+}
+
 /// A device behind a virtio-mmio transport.
 pub trait VirtioDevice: Send {
     /// virtio device id (2 = block, 19 = vsock, 1 = net).

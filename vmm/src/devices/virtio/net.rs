@@ -9,9 +9,9 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::Epoll;
 
 use super::chain::{self, ChainError};
 use super::VirtioDevice;
@@ -165,14 +165,7 @@ impl Net {
     /// Attaches to (or creates) the tap called `name`.
     pub fn new(name: &str, mac: [u8; 6]) -> Result<Self, NetError> {
         let tap = open_tap(name)?;
-        let epoll = Epoll::new().map_err(NetError::Epoll)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                tap.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, 0),
-            )
-            .map_err(NetError::Epoll)?;
+        let epoll = super::epoll_on_input(tap.as_raw_fd()).map_err(NetError::Epoll)?;
         Ok(Net {
             tap,
             mac,
@@ -189,10 +182,7 @@ impl Net {
     pub unsafe fn from_raw_fd(fd: i32, mac: [u8; 6]) -> Result<Self, NetError> {
         // SAFETY: the caller hands over ownership of an open fd.
         let tap = unsafe { File::from_raw_fd(fd) };
-        let epoll = Epoll::new().map_err(NetError::Epoll)?;
-        epoll
-            .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 0))
-            .map_err(NetError::Epoll)?;
+        let epoll = super::epoll_on_input(fd).map_err(NetError::Epoll)?;
         Ok(Net {
             tap,
             mac,
@@ -203,27 +193,8 @@ impl Net {
 
     fn transmit(&mut self, txq: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, ChainError> {
         let mut used = false;
-        loop {
-            let next = txq
-                .iter(mem)
-                .map_err(|e| ChainError::AvailRing(format!("{e:?}")))?
-                .next();
-            let Some(head) = next else {
-                break;
-            };
-            let index = head.head_index();
-            let descs = chain::validate(head, mem)?;
-            let mut frame = Vec::new();
-            for d in descs.iter().filter(|d| !d.is_write_only()) {
-                let len = d.len() as usize;
-                if frame.len() + len > MAX_FRAME {
-                    return Err(ChainError::TooBig((frame.len() + len) as u64));
-                }
-                let start = frame.len();
-                frame.resize(start + len, 0);
-                mem.read_slice(&mut frame[start..], d.addr())
-                    .map_err(|_| ChainError::Missing("readable frame buffer"))?;
-            }
+        while let Some((index, descs)) = chain::pop(txq, mem)? {
+            let frame = chain::read_readable(&descs, mem, MAX_FRAME, "readable frame buffer")?;
             if frame.len() < NET_HDR_LEN {
                 return Err(ChainError::Missing("virtio-net header"));
             }
@@ -256,16 +227,10 @@ impl Net {
                     }
                 }
             };
-            let next = rxq
-                .iter(mem)
-                .map_err(|e| ChainError::AvailRing(format!("{e:?}")))?
-                .next();
-            let Some(head) = next else {
+            let Some((index, descs)) = chain::pop(rxq, mem)? else {
                 self.pending = Some(frame);
                 break;
             };
-            let index = head.head_index();
-            let descs = chain::validate(head, mem)?;
             if descs.iter().any(|d| !d.is_write_only()) {
                 return Err(ChainError::Missing("device-writable rx buffer"));
             }
@@ -314,13 +279,7 @@ impl VirtioDevice for Net {
         let mut cfg = [0u8; 8];
         cfg[..6].copy_from_slice(&self.mac);
         cfg[6] = 1;
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| cfg.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&cfg, offset, data);
     }
 
     fn process_queue(

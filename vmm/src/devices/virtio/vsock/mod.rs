@@ -19,7 +19,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -152,14 +152,7 @@ impl Vsock {
             source,
         })?;
         listener.set_nonblocking(true).map_err(VsockError::Epoll)?;
-        let epoll = Epoll::new().map_err(VsockError::Epoll)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                listener.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, 0),
-            )
-            .map_err(VsockError::Epoll)?;
+        let epoll = super::epoll_on_input(listener.as_raw_fd()).map_err(VsockError::Epoll)?;
         Ok(Vsock {
             cid,
             uds_path: uds_path.to_path_buf(),
@@ -445,16 +438,10 @@ impl Vsock {
     fn deliver(&mut self, rxq: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, ChainError> {
         let mut used = false;
         while let Some((mut h, mut payload)) = self.rx.pop_front() {
-            let next = rxq
-                .iter(mem)
-                .map_err(|e| ChainError::AvailRing(format!("{e:?}")))?
-                .next();
-            let Some(head) = next else {
+            let Some((index, descs)) = chain::pop(rxq, mem)? else {
                 self.rx.push_front((h, payload));
                 break;
             };
-            let index = head.head_index();
-            let descs = chain::validate(head, mem)?;
             let room = rx_capacity(&descs)?;
             if room < HDR_LEN || (room == HDR_LEN && !payload.is_empty()) {
                 return Err(ChainError::Missing("rx buffer large enough for a packet"));
@@ -486,15 +473,9 @@ impl Vsock {
         if !self.reset_event_pending {
             return Ok(false);
         }
-        let next = evq
-            .iter(mem)
-            .map_err(|e| ChainError::AvailRing(format!("{e:?}")))?
-            .next();
-        let Some(head) = next else {
+        let Some((index, descs)) = chain::pop(evq, mem)? else {
             return Ok(false);
         };
-        let index = head.head_index();
-        let descs = chain::validate(head, mem)?;
         let d = descs
             .first()
             .filter(|d| d.is_write_only() && d.len() >= 4)
@@ -510,16 +491,7 @@ impl Vsock {
     fn pump(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, ChainError> {
         let mut used = false;
         // Drain the guest's tx queue first (it frees credit and answers handshakes).
-        loop {
-            let next = queues[TXQ]
-                .iter(mem)
-                .map_err(|e| ChainError::AvailRing(format!("{e:?}")))?
-                .next();
-            let Some(head) = next else {
-                break;
-            };
-            let index = head.head_index();
-            let descs = chain::validate(head, mem)?;
+        while let Some((index, descs)) = chain::pop(&mut queues[TXQ], mem)? {
             let (h, payload) = read_packet(&descs, mem)?;
             queues[TXQ]
                 .add_used(mem, index, 0)
@@ -556,13 +528,7 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let cid = self.cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| cid.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&cid, offset, data);
     }
 
     fn process_queue(

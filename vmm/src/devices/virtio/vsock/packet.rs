@@ -4,7 +4,7 @@
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use crate::devices::virtio::ChainError;
+use crate::devices::virtio::chain::{self, ChainError};
 
 /// Header length on the wire.
 pub const HDR_LEN: usize = 44;
@@ -78,17 +78,7 @@ pub fn read_packet(
     descs: &[Descriptor],
     mem: &GuestMemoryMmap,
 ) -> Result<(Header, Vec<u8>), ChainError> {
-    let mut bytes = Vec::new();
-    for d in descs.iter().filter(|d| !d.is_write_only()) {
-        let len = d.len() as usize;
-        if bytes.len() + len > HDR_LEN + MAX_PAYLOAD {
-            return Err(ChainError::TooBig((bytes.len() + len) as u64));
-        }
-        let start = bytes.len();
-        bytes.resize(start + len, 0);
-        mem.read_slice(&mut bytes[start..], d.addr())
-            .map_err(|_| ChainError::Missing("readable packet buffer"))?;
-    }
+    let bytes = chain::read_readable(descs, mem, HDR_LEN + MAX_PAYLOAD, "readable packet buffer")?;
     if bytes.len() < HDR_LEN {
         return Err(ChainError::Missing("vsock packet header"));
     }
