@@ -21,6 +21,8 @@ pub enum InitError {
     Fork(#[source] Errno),
     #[error("install the signal handler for {0}")]
     Signal(Signal, #[source] Errno),
+    #[error("arm the parent-death signal")]
+    DeathSignal(#[source] Errno),
 }
 
 /// What the caller does next after [`fork_init`].
@@ -46,6 +48,12 @@ extern "C" fn forward(signum: libc::c_int) {
 ///
 /// Must be called while the process is single-threaded.
 pub fn fork_init(listen_fd: Option<RawFd>) -> Result<Role, InitError> {
+    if std::process::id() == 1 {
+        // PID 1 of a sandbox must not outlive its supervisor outside the
+        // namespace; the kernel clears this signal on credential changes, so
+        // it is armed here, after the last of them (the exec).
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(InitError::DeathSignal)?;
+    }
     // SAFETY: called from main before any runtime or thread is created, so the
     // child cannot inherit a lock held by another thread.
     let child = match unsafe { fork() }.map_err(InitError::Fork)? {

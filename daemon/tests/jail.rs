@@ -993,3 +993,47 @@ async fn filling_a_disk_larger_than_memory_kills_the_filler_not_the_agent() {
     sandbox.destroy().await.unwrap();
     assert_eq!(host_processes_of(uid, true), Vec::<String>::new());
 }
+
+/// The parent pid of `pid`, from /proc/<pid>/stat.
+fn parent_of(pid: &str) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: fields start after its ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(1).map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_dies_with_its_supervisor() {
+    let Some(backend) = backend("supervisor", 10) else {
+        return;
+    };
+    let sandbox = start(&backend, "orphan", limits()).await;
+    let uid = sandbox.uid().unwrap();
+    // The sandbox's PID 1 is the one process of its uid whose parent is not
+    // of that uid: the root-owned jail-init that supervises it.
+    let ours = host_processes_of(uid, false);
+    let supervisor = ours
+        .iter()
+        .filter_map(|pid| parent_of(pid))
+        .find(|parent| !ours.contains(parent))
+        .expect("the sandbox's supervisor");
+    // A crashed supervisor (SIGKILL: no chance to clean up) must not leave
+    // the sandbox running: PID 1's parent-death signal survives the drop to
+    // the sandbox uid and the exec of the agent.
+    let pid: i32 = supervisor.parse().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !host_processes_of(uid, false).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sandbox processes outlived their supervisor: {:?}",
+            host_processes_of(uid, false)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sandbox.destroy().await.unwrap();
+}

@@ -44,6 +44,8 @@ pub enum PrivilegeError {
     NoFile(#[source] nix::Error),
     #[error("setting the core dump limit")]
     Core(#[source] nix::Error),
+    #[error("keeping the parent-death signal across the uid change")]
+    DeathSignal(#[source] nix::Error),
 }
 
 pub fn drop_to(uid: u32, gid: u32) -> Result<(), PrivilegeError> {
@@ -66,10 +68,17 @@ pub fn drop_to(uid: u32, gid: u32) -> Result<(), PrivilegeError> {
     setgroups(&[]).map_err(PrivilegeError::Groups)?;
     let g = Gid::from_raw(gid);
     setresgid(g, g, g).map_err(|e| PrivilegeError::Gid(gid, e))?;
+    // The kernel clears the parent-death signal on every credential change
+    // (commit_creds): without re-arming it, a sandbox would outlive the
+    // process that supervises it.
+    let death_signal = nix::sys::prctl::get_pdeathsig().map_err(PrivilegeError::DeathSignal)?;
     let u = Uid::from_raw(uid);
     // Leaving uid 0 clears the permitted and effective sets, not the
     // inheritable one: cleared explicitly below.
     setresuid(u, u, u).map_err(|e| PrivilegeError::Uid(uid, e))?;
+    if death_signal.is_some() {
+        nix::sys::prctl::set_pdeathsig(death_signal).map_err(PrivilegeError::DeathSignal)?;
+    }
     let none = CapabilitySets {
         effective: CapabilitySet::empty(),
         permitted: CapabilitySet::empty(),
