@@ -7,29 +7,9 @@ use tokio::time::Instant;
 /// Appended where output was cut at the cap.
 pub const TRUNCATED_MARKER: &str = "\n[output truncated]\n";
 
-/// Reads `reader` to its end, keeping the first `cap` bytes and draining the
-/// rest so the writer never blocks on a full pipe.
-pub async fn read_capped<R: AsyncRead + Unpin>(mut reader: R, cap: usize) -> (Vec<u8>, bool) {
-    let mut kept = Vec::new();
-    let mut truncated = false;
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let room = cap.saturating_sub(kept.len());
-                if n > room {
-                    truncated = true;
-                }
-                kept.extend_from_slice(&buf[..n.min(room)]);
-            }
-        }
-    }
-    (kept, truncated)
-}
-
-/// Like [`read_capped`], but once `stop` delivers a deadline, reading ends at
-/// that deadline even without EOF: a process the command left running in the
+/// Reads `reader` keeping the first `cap` bytes and draining the rest (so the
+/// writer never blocks on a full pipe), until EOF or, once `stop` delivers a
+/// deadline, until that deadline: a process the command left running in the
 /// background may hold the pipe open forever.
 pub async fn read_capped_until<R: AsyncRead + Unpin>(
     mut reader: R,
@@ -78,9 +58,32 @@ pub fn to_text(bytes: &[u8], truncated: bool) -> String {
     s
 }
 
+/// An error and its sources on one line, `: `-separated, for logs and error
+/// bodies (used by the daemon too). A source whose message the line already
+/// holds is left out.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !s.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn read_capped(data: &[u8], cap: usize) -> (Vec<u8>, bool) {
+        // The sender stays alive: reading ends at EOF only.
+        let (_stop, rx) = oneshot::channel();
+        read_capped_until(data, cap, rx).await
+    }
 
     #[tokio::test]
     async fn keeps_the_head_and_marks_the_cut() {

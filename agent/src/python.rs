@@ -375,7 +375,7 @@ impl Python {
                 Ok(i) => i,
                 Err(e) => {
                     return failure(
-                        format!("cannot start Python: {}\n", chain(&e)),
+                        format!("cannot start Python: {}\n", crate::output::error_chain(&e)),
                         started.elapsed(),
                         false,
                     )
@@ -399,7 +399,7 @@ impl Python {
         let (resp, keep) = match first {
             Ok(Ok(reply)) => (from_reply(reply, started.elapsed()), true),
             Ok(Err(e)) => {
-                tracing::warn!(error = %chain(&e), "python interpreter lost");
+                tracing::warn!(error = %crate::output::error_chain(&e), "python interpreter lost");
                 let status = interp.kill().await;
                 let mut r = failure(death_message(status), started.elapsed(), true);
                 r.restarted = true;
@@ -421,7 +421,9 @@ impl Python {
         } else {
             match self.start().await {
                 Ok(i) => *guard = Some(i),
-                Err(e) => tracing::error!(error = %chain(&e), "python interpreter cannot restart"),
+                Err(e) => {
+                    tracing::error!(error = %crate::output::error_chain(&e), "python interpreter cannot restart")
+                }
             }
         }
         resp
@@ -456,7 +458,7 @@ impl Python {
             }
             other => {
                 if let Ok(Err(e)) = &other {
-                    tracing::warn!(error = %chain(e), "python interpreter lost while interrupted");
+                    tracing::warn!(error = %crate::output::error_chain(e), "python interpreter lost while interrupted");
                 }
                 interp.kill().await;
                 let mut r = failure(
@@ -500,17 +502,6 @@ fn failure(stderr: String, elapsed: Duration, restarted: bool) -> PythonResponse
         duration_ms: elapsed.as_millis() as u64,
         restarted,
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -80,7 +80,7 @@ impl IntoResponse for ApiError {
 
 impl From<FilesError> for ApiError {
     fn from(e: FilesError) -> ApiError {
-        let message = error_chain(&e);
+        let message = crate::output::error_chain(&e);
         match e {
             FilesError::InvalidPath { .. } => {
                 ApiError::new(StatusCode::BAD_REQUEST, "InvalidPath", message)
@@ -103,17 +103,6 @@ impl From<ShellError> for ApiError {
     fn from(e: ShellError) -> ApiError {
         ApiError::bad_request(e.to_string())
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 pub fn router(state: Arc<AgentState>) -> Router {

@@ -101,20 +101,7 @@ fn print_host(output: cli::Output) -> std::process::ExitCode {
 /// How long in-flight requests may run on after SIGTERM.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// An error and its sources on one line, for logs and API messages.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let msg = c.to_string();
-        if !s.contains(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        cur = c.source();
-    }
-    s
-}
+pub use sessiond_agent::output::error_chain;
 
 /// `http+unix://` URL base for a socket path (requests-unixsocket style).
 fn unix_endpoint(path: &Path) -> String {

@@ -73,17 +73,7 @@ pub enum InitError {
     },
 }
 
-/// The error and its causes on one line.
-pub(crate) fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
-}
+pub(crate) use sessiond_agent::output::error_chain as chain;
 
 /// Entry point of `sessiond jail-init`; never returns.
 pub fn run() -> ! {
