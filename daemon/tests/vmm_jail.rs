@@ -438,6 +438,7 @@ fn a_snapshot_is_restored_jailed_and_finishes_its_computation(env: &Env) {
         vcpu_count: 1,
         mem_size_mib: 64,
         kernel_path: env.compute.clone(),
+        initrd_path: None,
         cmdline: String::new(),
         serial_path: Some(log.clone()),
         block_devices: vec![],

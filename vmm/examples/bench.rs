@@ -3,7 +3,9 @@
 //! - boot-to-first-serial-byte of the tiny `hello` guest (VM creation, kernel load, vCPU
 //!   setup, and guest code up to its first `out` to COM1);
 //! - restore-to-running for 128 MiB, 1 GiB and 4 GiB guests: from calling `restore()` on a
-//!   snapshot until the restored guest's first write to memory is visible to the host.
+//!   snapshot until the restored guest's first write to memory is visible to the host; and
+//!   the same from a VM shell made beforehand (`VmShell`: the snapshot's memory file
+//!   mapped, KVM VM, memory slots, irqchip).
 //!
 //! Run: `cargo run -p vmm --release --example bench` (needs /dev/kvm and gcc).
 
@@ -42,6 +44,7 @@ fn spec(kernel: &std::path::Path, mem_mib: u64, serial: Box<dyn Write + Send>) -
         vcpu_count: 1,
         mem_size_mib: mem_mib,
         kernel_path: kernel.to_path_buf(),
+        initrd_path: None,
         cmdline: String::new(),
         serial_path: None,
         block_devices: vec![],
@@ -108,6 +111,7 @@ fn vsock_bench(dir: &std::path::Path) {
         vcpu_count: 1,
         mem_size_mib: 128,
         kernel_path: echo,
+        initrd_path: None,
         cmdline: String::new(),
         serial_path: Some(log.clone()),
         block_devices: vec![],
@@ -264,17 +268,25 @@ fn main() {
         });
         let mut to_paused = Vec::new();
         let mut to_running = Vec::new();
-        for _ in 0..20 {
-            let t0 = Instant::now();
-            let mut clone = vmm::restore(RestoreSpec {
+        let mut shell_to_running = Vec::new();
+        for i in 0..40 {
+            // Odd rounds restore into a VM shell made before the clock starts, as a pool
+            // keeping shells ready would.
+            let shell = (i % 2 == 1).then(|| vmm::VmShell::new(&state, &mem).unwrap());
+            let spec = RestoreSpec {
                 state_path: &state,
                 mem_path: &mem,
                 serial: Box::new(std::io::sink()),
                 vsock_uds_path: None,
                 seccomp: true,
-            })
+            };
+            let t0 = Instant::now();
+            let mut clone = match shell {
+                Some(shell) => vmm::restore_into(shell, spec),
+                None => vmm::restore(spec),
+            }
             .unwrap();
-            to_paused.push(t0.elapsed());
+            let paused = t0.elapsed();
             clone
                 .memory()
                 .write_obj(0u64, GuestAddress(PROGRESS))
@@ -288,7 +300,12 @@ fn main() {
             {
                 std::hint::spin_loop();
             }
-            to_running.push(t0.elapsed());
+            if i % 2 == 1 {
+                shell_to_running.push(t0.elapsed());
+            } else {
+                to_paused.push(paused);
+                to_running.push(t0.elapsed());
+            }
         }
         // Userspace memory of a VMM process running one clone, guest pages excluded, measured
         // in a fresh process (KVM's own kernel allocations are not in RSS).
@@ -304,11 +321,13 @@ fn main() {
         );
         println!(
             "{mib:>5} MiB guest: snapshot {:.1} ms (memory file {} KiB on disk); \
-             restore to paused: {}; restore to running (first guest write seen): {}",
+             restore to paused: {}; restore to running (first guest write seen): {}; \
+             restore into a prepared VM shell to running: {}",
             snap_time.as_secs_f64() * 1e3,
             on_disk.map(|b| b / 1024).unwrap_or(0),
             stats(to_paused),
-            stats(to_running)
+            stats(to_running),
+            stats(shell_to_running)
         );
         let _ = std::fs::remove_file(&mem);
     }

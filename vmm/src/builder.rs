@@ -5,14 +5,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 
-use linux_loader::loader::{elf::Elf, KernelLoader};
-use vm_memory::GuestAddress;
+use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{Epoll, EpollEvent};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::boot::{self, BootSetupError};
-use crate::arch::x86_64::layout::{ram_ranges, virtio_slot, HIMEM_START, VIRTIO_MMIO_SIZE};
-use crate::config::MachineSpec;
+use crate::arch::x86_64::boot::{self, BootInfo, BootSetupError};
+use crate::arch::x86_64::bzimage::ENTRY_64_OFFSET;
+use crate::arch::x86_64::layout::{
+    ram_ranges, virtio_slot, HIMEM_START, MMIO_HOLE_START, VIRTIO_MMIO_SIZE,
+};
+use crate::config::{Initrd, KernelFormat, MachineSpec};
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::legacy::exit::EXIT_PORT;
 use crate::devices::legacy::serial::{SerialError, SerialOut, SerialSnapshot, COM1_IRQ, COM1_PORT};
@@ -32,6 +35,10 @@ pub enum BuildError {
     Memory(#[from] MemoryError),
     #[error("loading the kernel: {0}")]
     Kernel(linux_loader::loader::Error),
+    #[error("placing the initrd")]
+    InitrdPlace(#[source] BootSetupError),
+    #[error("reading the initrd into guest memory")]
+    InitrdRead(#[source] vm_memory::GuestMemoryError),
     #[error("writing boot tables")]
     Boot(#[from] BootSetupError),
     #[error("creating the VM")]
@@ -54,6 +61,58 @@ pub enum BuildError {
     Start(#[from] MicroVmError),
 }
 
+/// Loads the kernel (and initrd) into `mem` and writes the boot tables; returns the 64-bit
+/// entry point.
+fn load_kernel(
+    mem: &vm_memory::GuestMemoryMmap,
+    mem_size: u64,
+    kernel: &mut std::fs::File,
+    format: &KernelFormat,
+    initrd: Option<Initrd>,
+    cmdline: &str,
+) -> Result<u64, BuildError> {
+    let himem = Some(GuestAddress(HIMEM_START));
+    let (entry, kernel_end, header) = match format {
+        KernelFormat::Elf => {
+            let l = Elf::load(mem, None, kernel, himem).map_err(BuildError::Kernel)?;
+            (l.kernel_load.0, l.kernel_end, None)
+        }
+        KernelFormat::BzImage(h) => {
+            // At the header's code32_start (1 MiB); the 64-bit entry is 0x200 into it.
+            let l = BzImage::load(mem, None, kernel, himem).map_err(BuildError::Kernel)?;
+            // The kernel decompresses into [pref_address, + init_size) unless it relocates.
+            let end = l.kernel_end.max(h.init_end());
+            (l.kernel_load.0 + ENTRY_64_OFFSET, end, Some(h))
+        }
+    };
+    let initrd = match initrd {
+        None => None,
+        Some(Initrd { mut file, size }) => {
+            let mut limit = mem_size.min(MMIO_HOLE_START);
+            if let Some(h) = header {
+                limit = limit.min(u64::from(h.initrd_addr_max) + 1);
+            }
+            let addr =
+                boot::place_initrd(size, kernel_end, limit).map_err(BuildError::InitrdPlace)?;
+            mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+                .map_err(BuildError::InitrdRead)?;
+            Some((addr, size))
+        }
+    };
+    boot::write_gdt(mem)?;
+    boot::write_page_tables(mem)?;
+    boot::write_boot_params(
+        mem,
+        &BootInfo {
+            cmdline,
+            ram: &ram_ranges(mem_size),
+            setup_header: header,
+            initrd,
+        },
+    )?;
+    Ok(entry)
+}
+
 /// Builds and boots a microVM from `spec`: memory, kernel, boot tables, VM, devices, vCPUs.
 /// The VM comes back paused, so the caller can look at memory first; call `resume()`.
 pub fn build(spec: MachineSpec) -> Result<MicroVm, BuildError> {
@@ -61,6 +120,8 @@ pub fn build(spec: MachineSpec) -> Result<MicroVm, BuildError> {
         vcpu_count,
         mem_size,
         mut kernel,
+        kernel_format,
+        initrd,
         cmdline,
         serial,
         blocks,
@@ -69,11 +130,14 @@ pub fn build(spec: MachineSpec) -> Result<MicroVm, BuildError> {
         seccomp,
     } = spec;
     let mem = memory::anonymous(mem_size)?;
-    let loaded = Elf::load(&mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
-        .map_err(BuildError::Kernel)?;
-    boot::write_gdt(&mem)?;
-    boot::write_page_tables(&mem)?;
-    boot::write_boot_params(&mem, &cmdline, &ram_ranges(mem_size))?;
+    let entry = load_kernel(
+        &mem,
+        mem_size,
+        &mut kernel,
+        &kernel_format,
+        initrd,
+        &cmdline,
+    )?;
 
     let vm = Vm::new(mem)?;
     let (pio, serial) = legacy_devices(&vm, serial, None)?;
@@ -92,7 +156,7 @@ pub fn build(spec: MachineSpec) -> Result<MicroVm, BuildError> {
     let mut vcpus = Vec::new();
     for id in 0..vcpu_count {
         let vcpu = Vcpu::new(&vm, id, pio.clone(), mmio.clone(), Arc::new(Vec::new()))?;
-        vcpu.configure_boot(cpuid.clone(), loaded.kernel_load.0)?;
+        vcpu.configure_boot(cpuid.clone(), entry)?;
         vcpus.push(vcpu);
     }
     let msr_list = Arc::new(readable_msrs(&vcpus[0], &vm.msr_index_list()?));
@@ -104,6 +168,7 @@ pub(crate) struct VirtioSet {
     slots: Vec<VirtioSlot>,
     event_threads: Vec<std::thread::JoinHandle<()>>,
     stop_events: Arc<AtomicBool>,
+    pause_events: Arc<AtomicBool>,
 }
 
 impl VirtioSet {
@@ -113,16 +178,19 @@ impl VirtioSet {
             virtio: self.slots,
             event_threads: self.event_threads,
             stop_events: self.stop_events,
+            pause_events: self.pause_events,
         }
     }
 }
 
 /// Runs a device's host side: waits on its epoll set and lets it work under the transport's
-/// lock. Ends when `stop` is set or the VM is gone.
+/// lock, except while `paused` (checked under that lock, see `Devices::pause`). Ends when
+/// `stop` is set or the VM is gone.
 fn event_loop(
     transport: std::sync::Weak<Mutex<MmioTransport>>,
     epoll: Arc<Epoll>,
     stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
     seccomp: bool,
     ready: std::sync::mpsc::Sender<Result<(), SeccompError>>,
 ) {
@@ -139,7 +207,9 @@ fn event_loop(
         let Some(t) = transport.upgrade() else {
             break;
         };
-        let progressed = t.lock().unwrap_or_else(|e| e.into_inner()).backend_event();
+        let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+        let progressed = !paused.load(Ordering::Acquire) && t.backend_event();
+        drop(t);
         if ready > 0 && !progressed {
             // Readable sockets the guest cannot take data from yet (no credit or rx buffers):
             // back off instead of spinning on level-triggered readiness.
@@ -160,6 +230,8 @@ pub(crate) fn virtio_devices(
     let mut slots = Vec::new();
     let mut event_threads = Vec::new();
     let stop_events = Arc::new(AtomicBool::new(false));
+    // The VM starts paused; `MicroVm::resume` lets the devices' host sides run.
+    let pause_events = Arc::new(AtomicBool::new(true));
     for (i, (config, device)) in devices.into_iter().enumerate() {
         let (base, gsi) = virtio_slot(i);
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
@@ -173,10 +245,11 @@ pub(crate) fn virtio_devices(
         bus.insert(base, VIRTIO_MMIO_SIZE, transport.clone() as SharedDevice)?;
         if let Some(epoll) = epoll {
             let (weak, stop) = (Arc::downgrade(&transport), stop_events.clone());
+            let paused = pause_events.clone();
             let (ready_tx, ready_rx) = channel();
             let thread = std::thread::Builder::new()
                 .name(format!("virtio{i}-events"))
-                .spawn(move || event_loop(weak, epoll, stop, seccomp, ready_tx))
+                .spawn(move || event_loop(weak, epoll, stop, paused, seccomp, ready_tx))
                 .map_err(BuildError::EventThread)?;
             event_threads.push(thread);
             // The thread must be confined before the guest can reach its device.
@@ -196,6 +269,7 @@ pub(crate) fn virtio_devices(
         slots,
         event_threads,
         stop_events,
+        pause_events,
     };
     Ok((Arc::new(bus), set))
 }

@@ -4,11 +4,14 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::arch::x86_64::layout::{virtio_cmdline, CMDLINE_MAX_SIZE, MAX_VIRTIO_DEVICES};
+use crate::arch::x86_64::bzimage::{self, BzImageError, SetupHeader};
+use crate::arch::x86_64::layout::{
+    virtio_cmdline, CMDLINE_MAX_SIZE, HIMEM_START, MAX_VIRTIO_DEVICES, MMIO_HOLE_START,
+};
 use crate::devices::legacy::serial::SerialOut;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::net::{parse_mac, Net, NetError};
@@ -30,8 +33,14 @@ pub struct VmConfig {
     pub vcpu_count: u8,
     /// Guest RAM in MiB.
     pub mem_size_mib: u64,
-    /// Kernel: an ELF executable with a 64-bit entry point (vmlinux or a tiny test guest).
+    /// Kernel: an ELF executable with a 64-bit entry point (vmlinux or a tiny test guest), or
+    /// a bzImage (boot protocol 2.12+ with the 64-bit entry, `XLF_KERNEL_64`). The format is
+    /// read from the file.
     pub kernel_path: PathBuf,
+    /// An initrd / initramfs, loaded page-aligned at the top of RAM below the MMIO hole (and
+    /// below the bzImage's `initrd_addr_max`); the zero page says where.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<PathBuf>,
     /// Kernel command line, placed at the address the zero page points to.
     #[serde(default)]
     pub cmdline: String,
@@ -114,8 +123,47 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("kernel_path {0:?} is not an ELF file (bzImage is not supported yet)")]
+    #[error(
+        "kernel_path {0:?} is neither an ELF file (\\x7fELF at 0) nor a bzImage (\"HdrS\" at \
+         0x202)"
+    )]
     KernelFormat(PathBuf),
+    #[error("kernel_path {path:?} is a bzImage this VMM cannot boot")]
+    BzImage {
+        path: PathBuf,
+        #[source]
+        source: BzImageError,
+    },
+    #[error(
+        "kernel_path {path:?} needs guest RAM up to {needed:#x} to decompress and start \
+         (pref_address + init_size); mem_size_mib gives {have:#x} below the MMIO hole"
+    )]
+    KernelNeedsMemory {
+        path: PathBuf,
+        needed: u64,
+        have: u64,
+    },
+    #[error(
+        "cmdline is {len} bytes with the virtio device announcements; kernel_path {path:?} \
+         accepts at most {max} (its setup header's cmdline_size)"
+    )]
+    CmdlineTooLongForKernel { path: PathBuf, len: usize, max: u32 },
+    #[error("initrd_path {path:?} cannot be opened")]
+    InitrdOpen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "initrd_path {path:?} is {size} bytes; at most {room} fit in guest RAM above the \
+         kernel and below {limit:#x}: give the VM more memory"
+    )]
+    InitrdTooBig {
+        path: PathBuf,
+        size: u64,
+        room: u64,
+        limit: u64,
+    },
     #[error("{0} virtio devices configured; at most {MAX_VIRTIO_DEVICES} are supported")]
     TooManyDevices(usize),
     #[error("block_devices")]
@@ -132,11 +180,28 @@ pub enum ConfigError {
     },
 }
 
+/// What kind of kernel image `kernel_path` holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// An ELF executable, entered at its entry point.
+    Elf,
+    /// A bzImage, entered at its protected-mode part's load address + 0x200.
+    BzImage(SetupHeader),
+}
+
+/// An initrd file, open, and its size.
+pub struct Initrd {
+    pub file: File,
+    pub size: u64,
+}
+
 /// A validated configuration with its files open.
 pub struct MachineSpec {
     pub vcpu_count: u8,
     pub mem_size: u64,
     pub kernel: File,
+    pub kernel_format: KernelFormat,
+    pub initrd: Option<Initrd>,
     pub cmdline: String,
     pub serial: SerialOut,
     /// Block devices with their images open.
@@ -182,10 +247,52 @@ impl VmConfig {
                 path: self.kernel_path.clone(),
                 source,
             })?;
-        let mut magic = [0u8; 4];
-        if kernel.read_exact(&mut magic).is_err() || magic != *b"\x7fELF" {
-            return Err(ConfigError::KernelFormat(self.kernel_path.clone()));
+        let kernel_format = kernel_format(&self.kernel_path, &mut kernel)?;
+        let mem_size = self.mem_size_mib << 20;
+        // RAM below the MMIO hole: where the kernel and the initrd must fit.
+        let low_ram_top = mem_size.min(MMIO_HOLE_START);
+        // Lowest address an initrd may take, and the highest its end may reach.
+        let (mut initrd_lowest, mut initrd_limit) = (HIMEM_START, low_ram_top);
+        if let KernelFormat::BzImage(h) = &kernel_format {
+            if h.init_end() > low_ram_top {
+                return Err(ConfigError::KernelNeedsMemory {
+                    path: self.kernel_path.clone(),
+                    needed: h.init_end(),
+                    have: low_ram_top,
+                });
+            }
+            if cmdline.len() > h.cmdline_size as usize {
+                return Err(ConfigError::CmdlineTooLongForKernel {
+                    path: self.kernel_path.clone(),
+                    len: cmdline.len(),
+                    max: h.cmdline_size,
+                });
+            }
+            initrd_lowest = h.init_end();
+            initrd_limit = initrd_limit.min(u64::from(h.initrd_addr_max) + 1);
         }
+        let initrd = match &self.initrd_path {
+            None => None,
+            Some(path) => {
+                let open_err = |source| ConfigError::InitrdOpen {
+                    path: path.clone(),
+                    source,
+                };
+                let file = File::open(path).map_err(open_err)?;
+                let size = file.metadata().map_err(open_err)?.len();
+                // The builder checks again against the kernel's real end once it is loaded.
+                let room = initrd_limit.saturating_sub(initrd_lowest);
+                if size > room {
+                    return Err(ConfigError::InitrdTooBig {
+                        path: path.clone(),
+                        size,
+                        room,
+                        limit: initrd_limit,
+                    });
+                }
+                Some(Initrd { file, size })
+            }
+        };
         let serial = crate::devices::legacy::serial::open_output(self.serial_path.as_deref())
             .map_err(|source| ConfigError::SerialOpen {
                 path: self.serial_path.clone().unwrap_or_default(),
@@ -208,12 +315,37 @@ impl VmConfig {
             nets,
             vsock,
             vcpu_count: self.vcpu_count,
-            mem_size: self.mem_size_mib << 20,
+            mem_size,
             kernel,
+            kernel_format,
+            initrd,
             cmdline,
             serial,
             blocks,
         })
+    }
+}
+
+/// Tells an ELF kernel from a bzImage by their magic numbers, and checks a bzImage's header.
+fn kernel_format(path: &Path, file: &mut File) -> Result<KernelFormat, ConfigError> {
+    let mut head = Vec::with_capacity(bzimage::HEAD_LEN);
+    file.take(bzimage::HEAD_LEN as u64)
+        .read_to_end(&mut head)
+        .map_err(|source| ConfigError::KernelOpen {
+            path: path.to_owned(),
+            source,
+        })?;
+    if head.starts_with(b"\x7fELF") {
+        Ok(KernelFormat::Elf)
+    } else if bzimage::has_header_magic(&head) {
+        SetupHeader::parse(&head)
+            .map(KernelFormat::BzImage)
+            .map_err(|source| ConfigError::BzImage {
+                path: path.to_owned(),
+                source,
+            })
+    } else {
+        Err(ConfigError::KernelFormat(path.to_owned()))
     }
 }
 
@@ -251,6 +383,7 @@ mod tests {
             vcpu_count: 1,
             mem_size_mib: 64,
             kernel_path: k.clone(),
+            initrd_path: None,
             cmdline: String::new(),
             serial_path: None,
             block_devices: vec![],
@@ -318,5 +451,156 @@ mod tests {
         assert!(matches!(e, ConfigError::Block(_)));
         std::fs::remove_file(k).unwrap();
         std::fs::remove_file(not_elf).unwrap();
+    }
+
+    /// The message of `e` and of each of its sources, joined with ": ".
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut src = e.source();
+        while let Some(c) = src {
+            s += &format!(": {c}");
+            src = c.source();
+        }
+        s
+    }
+
+    fn config(kernel: &Path) -> VmConfig {
+        VmConfig {
+            vcpu_count: 1,
+            mem_size_mib: 64,
+            kernel_path: kernel.to_owned(),
+            initrd_path: None,
+            cmdline: String::new(),
+            serial_path: None,
+            block_devices: vec![],
+            vsock: None,
+            net_devices: vec![],
+            seccomp: true,
+        }
+    }
+
+    fn validate_err(cfg: &VmConfig) -> (ConfigError, String) {
+        let e = cfg.validate().err().expect("config refused");
+        let text = chain(&e);
+        (e, text)
+    }
+
+    #[test]
+    fn kernel_format_is_read_from_the_file() {
+        use crate::arch::x86_64::bzimage::offset;
+        let dir = std::env::temp_dir().join(format!("vmm-cfg-{}-fmt", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = crate::test_guests::pack_bzimage(&[0xf4; 512], 0x1000);
+        let write = |name: &str, bytes: &[u8]| {
+            let p = dir.join(name);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        };
+
+        let good = write("good.bzImage", &image);
+        let spec = config(&good).validate().unwrap();
+        match &spec.kernel_format {
+            KernelFormat::BzImage(h) => assert_eq!(h.version, 0x020f),
+            other => panic!("{other:?}"),
+        }
+
+        let text = write("notes.txt", b"this is not a kernel, it is a text file\n");
+        let (e, msg) = validate_err(&config(&text));
+        assert!(matches!(e, ConfigError::KernelFormat(_)));
+        assert!(
+            msg.contains("notes.txt") && msg.contains("neither an ELF"),
+            "{msg}"
+        );
+        let empty = write("empty", b"");
+        assert!(matches!(
+            validate_err(&config(&empty)).0,
+            ConfigError::KernelFormat(_)
+        ));
+
+        let mut no64 = image.clone();
+        no64[offset::XLOADFLAGS] = 0;
+        let no64 = write("no64.bzImage", &no64);
+        let (e, msg) = validate_err(&config(&no64));
+        assert!(matches!(
+            e,
+            ConfigError::BzImage {
+                source: BzImageError::No64BitEntry(0),
+                ..
+            }
+        ));
+        assert!(
+            msg.contains("no64.bzImage") && msg.contains("XLF_KERNEL_64"),
+            "{msg}"
+        );
+
+        let mut old = image.clone();
+        old[offset::VERSION..offset::VERSION + 2].copy_from_slice(&0x0206u16.to_le_bytes());
+        let old = write("old.bzImage", &old);
+        let (_, msg) = validate_err(&config(&old));
+        assert!(
+            msg.contains("old.bzImage") && msg.contains("boot protocol is 2.06"),
+            "{msg}"
+        );
+
+        // A kernel that needs more RAM than the VM has (pref_address 1 MiB + init_size).
+        let big = write(
+            "big.bzImage",
+            &crate::test_guests::pack_bzimage(&[0xf4; 512], 80 << 20),
+        );
+        let (e, msg) = validate_err(&config(&big));
+        assert!(matches!(e, ConfigError::KernelNeedsMemory { .. }), "{msg}");
+
+        // The setup header's cmdline_size is the kernel's limit.
+        let mut small_cmdline = image.clone();
+        small_cmdline[offset::CMDLINE_SIZE..offset::CMDLINE_SIZE + 4]
+            .copy_from_slice(&16u32.to_le_bytes());
+        let small_cmdline = write("cmdline16.bzImage", &small_cmdline);
+        let mut cfg = config(&small_cmdline);
+        cfg.cmdline = "console=ttyS0 quiet".into();
+        assert!(matches!(
+            validate_err(&cfg).0,
+            ConfigError::CmdlineTooLongForKernel {
+                len: 19,
+                max: 16,
+                ..
+            }
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn initrd_must_exist_and_fit() {
+        let dir = std::env::temp_dir().join(format!("vmm-cfg-{}-initrd", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let k = dir.join("guest.bzImage");
+        std::fs::write(&k, crate::test_guests::pack_bzimage(&[0xf4; 512], 0x1000)).unwrap();
+        let mut cfg = config(&k);
+
+        cfg.initrd_path = Some(dir.join("missing.cpio"));
+        let (e, msg) = validate_err(&cfg);
+        assert!(matches!(e, ConfigError::InitrdOpen { .. }));
+        assert!(
+            msg.contains("missing.cpio") && msg.contains("No such file"),
+            "{msg}"
+        );
+
+        // 64 MiB of RAM cannot hold a 64 MiB initrd above the kernel.
+        let big = dir.join("big.cpio");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        cfg.initrd_path = Some(big.clone());
+        let (e, msg) = validate_err(&cfg);
+        assert!(matches!(e, ConfigError::InitrdTooBig { size, .. } if size == 64 << 20));
+        assert!(
+            msg.contains("big.cpio") && msg.contains("more memory"),
+            "{msg}"
+        );
+        // ... and the same file fits a bigger VM.
+        cfg.mem_size_mib = 128;
+        let spec = cfg.validate().unwrap();
+        assert_eq!(spec.initrd.map(|i| i.size), Some(64 << 20));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -21,5 +21,5 @@ pub use builder::{build, BuildError};
 pub use capability::{detect, KvmCapability};
 pub use config::{ConfigError, MachineSpec, VmConfig};
 pub use microvm::{MicroVm, MicroVmError};
-pub use persist::{restore, RestoreSpec, SnapshotError};
+pub use persist::{restore, restore_into, RestoreSpec, SnapshotError, VmShell};
 pub use vstate::vcpu::GuestStop;

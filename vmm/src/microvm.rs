@@ -62,9 +62,25 @@ pub(crate) struct VirtioSlot {
 pub(crate) struct Devices {
     pub serial: Arc<Mutex<SerialDevice>>,
     pub virtio: Vec<VirtioSlot>,
-    /// Event threads of devices with a host side (vsock), and the flag that ends them.
+    /// Event threads of devices with a host side (vsock, net), the flag that ends them and
+    /// the one that holds them while the VM is paused.
     pub event_threads: Vec<JoinHandle<()>>,
     pub stop_events: Arc<std::sync::atomic::AtomicBool>,
+    pub pause_events: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Devices {
+    /// Stops the devices' host sides from touching guest memory or raising interrupts, so
+    /// a paused VM stays still (a snapshot's memory must match its device state). The
+    /// event threads check the flag under each transport's lock, so once every lock has
+    /// been taken here no host-side work is in flight.
+    fn pause(&self) {
+        self.pause_events
+            .store(true, std::sync::atomic::Ordering::Release);
+        for slot in &self.virtio {
+            drop(slot.transport.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+    }
 }
 
 /// A microVM whose vCPU threads exist. Built paused: call [`MicroVm::resume`] to run it.
@@ -180,12 +196,14 @@ impl MicroVm {
         Ok(answers)
     }
 
-    /// Parks every vCPU outside KVM_RUN.
+    /// Parks every vCPU outside KVM_RUN and holds the devices' host sides (vsock, net event
+    /// threads) until [`MicroVm::resume`].
     pub fn pause(&mut self) -> Result<(), MicroVmError> {
         if self.paused {
             return Ok(());
         }
         self.broadcast(VcpuCommand::Pause, |e| matches!(e, VcpuEvent::Paused))?;
+        self.devices.pause();
         if let Some(e) = self.stopped_error() {
             return Err(e);
         }
@@ -198,6 +216,9 @@ impl MicroVm {
         if !self.paused {
             return Ok(());
         }
+        self.devices
+            .pause_events
+            .store(false, std::sync::atomic::Ordering::Release);
         self.broadcast(VcpuCommand::Resume, |e| matches!(e, VcpuEvent::Resumed))?;
         self.paused = false;
         Ok(())

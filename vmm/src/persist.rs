@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -74,6 +75,8 @@ pub enum SnapshotError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("this VM shell was made from another snapshot than {0:?}")]
+    ShellFile(PathBuf),
     #[error("the state has {0} vCPUs; at least one is needed")]
     NoVcpus(usize),
     #[error("reopening a disk")]
@@ -241,18 +244,65 @@ pub struct RestoreSpec<'a> {
     pub seccomp: bool,
 }
 
+/// A restore prepared ahead from one snapshot: the state file read and checked, the memory
+/// file mapped MAP_PRIVATE as guest RAM and registered as KVM memory slots, irqchip and PIT
+/// created. That is all of a restore that does not depend on the clone's own parameters
+/// (console, vsock socket), including the only part whose cost grows with guest size (KVM
+/// sizes per-slot metadata such as shadow-MMU reverse maps when a slot is registered). A
+/// pool keeps shells ready so a clone costs the same for any guest size.
+pub struct VmShell {
+    vm: Vm,
+    state: MicroVmState,
+    /// (device, inode) of the state and memory files, so a shell is only used with its own
+    /// snapshot.
+    files: [(u64, u64); 2],
+}
+
+impl VmShell {
+    /// Prepares a restore of the snapshot in `state_path` and `mem_path`.
+    pub fn new(state_path: &Path, mem_path: &Path) -> Result<VmShell, SnapshotError> {
+        // The state file first: a bad one is refused before any KVM work.
+        let bytes = std::fs::read(state_path).map_err(io("reading", state_path))?;
+        let state = decode_state(&bytes, state_path)?;
+        if state.vcpus.is_empty() {
+            return Err(SnapshotError::NoVcpus(0));
+        }
+        let file = File::open(mem_path).map_err(io("opening", mem_path))?;
+        let mem = memory::from_file(&file, state.mem_size)?;
+        Ok(VmShell {
+            vm: Vm::new(mem)?,
+            state,
+            files: [file_id(state_path)?, file_id(mem_path)?],
+        })
+    }
+}
+
+fn file_id(path: &Path) -> Result<(u64, u64), SnapshotError> {
+    let meta = std::fs::metadata(path).map_err(io("reading the metadata of", path))?;
+    Ok((meta.dev(), meta.ino()))
+}
+
 /// Rebuilds a microVM from a snapshot, paused exactly where the original was. Guest memory is
 /// the memory file mapped MAP_PRIVATE: nothing is read up front, and pages the clone never
 /// writes stay shared with every other clone through the page cache.
 pub fn restore(spec: RestoreSpec<'_>) -> Result<MicroVm, SnapshotError> {
-    let bytes = std::fs::read(spec.state_path).map_err(io("reading", spec.state_path))?;
-    let state = decode_state(&bytes, spec.state_path)?;
-    if state.vcpus.is_empty() {
-        return Err(SnapshotError::NoVcpus(0));
+    let shell = VmShell::new(spec.state_path, spec.mem_path)?;
+    restore_state_into(shell, spec)
+}
+
+/// [`restore`] into a shell made beforehand with [`VmShell::new`] from the same snapshot
+/// files; the shell is consumed whether or not the restore succeeds.
+pub fn restore_into(shell: VmShell, spec: RestoreSpec<'_>) -> Result<MicroVm, SnapshotError> {
+    for (i, path) in [spec.state_path, spec.mem_path].into_iter().enumerate() {
+        if file_id(path)? != shell.files[i] {
+            return Err(SnapshotError::ShellFile(path.to_path_buf()));
+        }
     }
-    let mem_file = File::open(spec.mem_path).map_err(io("opening", spec.mem_path))?;
-    let mem = memory::from_file(&mem_file, state.mem_size)?;
-    let vm = Vm::new(mem)?;
+    restore_state_into(shell, spec)
+}
+
+fn restore_state_into(shell: VmShell, spec: RestoreSpec<'_>) -> Result<MicroVm, SnapshotError> {
+    let VmShell { vm, state, .. } = shell;
     vm.restore_state(&state.vm)?;
     let (pio, serial) = builder::legacy_devices(&vm, spec.serial, Some(&state.serial))?;
     let mut virtio = Vec::new();

@@ -90,6 +90,19 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
                 .map_err(|e| e.to_string())?,
         ],
     );
+    // glibc's malloc grows (and, for a new thread's first allocation, creates) a per-thread
+    // arena by mprotect-ing reserved PROT_NONE memory to read/write; without this a vCPU or
+    // device thread that allocates under contention is killed. Never with PROT_EXEC, so a
+    // confined thread still cannot make memory executable.
+    map.insert(
+        libc::SYS_mprotect,
+        vec![SeccompRule::new(vec![cond(
+            2,
+            SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+            0,
+        )?])
+        .map_err(|e| e.to_string())?],
+    );
     // KVM ioctls (run, state save) and FIONBIO (std's set_nonblocking on new sockets).
     map.insert(
         libc::SYS_ioctl,
@@ -136,5 +149,36 @@ mod tests {
     fn filters_compile() {
         assert!(!filter(ThreadKind::Vcpu).unwrap().is_empty());
         assert!(!filter(ThreadKind::DeviceEvents).unwrap().is_empty());
+    }
+
+    #[test]
+    fn confined_threads_can_grow_a_malloc_arena() {
+        for kind in [ThreadKind::Vcpu, ThreadKind::DeviceEvents] {
+            std::thread::spawn(move || {
+                install(kind).unwrap();
+                // What glibc does for a new or growing per-thread arena.
+                // SAFETY: maps and changes the protection of a fresh private mapping that
+                // nothing else references, then unmaps it.
+                unsafe {
+                    let len = 1 << 20;
+                    let p = libc::mmap(
+                        std::ptr::null_mut(),
+                        len,
+                        libc::PROT_NONE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                        -1,
+                        0,
+                    );
+                    assert_ne!(p, libc::MAP_FAILED);
+                    assert_eq!(
+                        libc::mprotect(p, 4096, libc::PROT_READ | libc::PROT_WRITE),
+                        0
+                    );
+                    libc::munmap(p, len);
+                }
+            })
+            .join()
+            .unwrap();
+        }
     }
 }

@@ -42,6 +42,7 @@ fn run(guest: &str, test: &str, read_only: bool) -> (String, Vec<u8>, Vec<u8>) {
         vcpu_count: 1,
         mem_size_mib: 64,
         kernel_path: kernel,
+        initrd_path: None,
         cmdline: String::new(),
         serial_path: Some(log.clone()),
         block_devices: vec![BlockConfig {

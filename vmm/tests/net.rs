@@ -104,6 +104,7 @@ fn guest_sends_and_receives_ethernet_frames_through_a_tap() {
         vcpu_count: 1,
         mem_size_mib: 64,
         kernel_path: kernel,
+        initrd_path: None,
         cmdline: String::new(),
         serial_path: Some(log.clone()),
         block_devices: vec![],

@@ -1,6 +1,7 @@
 //! Snapshots on the real /dev/kvm: a guest paused mid-computation is restored as several
 //! concurrent clones that each finish with the right answer and diverge on different input;
-//! clones share memory with the snapshot; bad snapshot files are refused clearly.
+//! clones share memory with the snapshot (also when restored into a VM shell made ahead);
+//! bad snapshot files and a shell made from another snapshot are refused clearly.
 
 mod common;
 
@@ -54,6 +55,7 @@ fn snapshot_mid_run_with(test: &str, vcpus: u8) -> Snapshot {
         vcpu_count: vcpus,
         mem_size_mib: MEM_MIB,
         kernel_path: kernel,
+        initrd_path: None,
         cmdline: String::new(),
         serial_path: Some(dir.join("original.log")),
         block_devices: vec![],
@@ -97,14 +99,18 @@ fn snapshot_mid_run_with(test: &str, vcpus: u8) -> Snapshot {
     }
 }
 
-fn restore(snap: &Snapshot, log: &Path) -> Result<MicroVm, SnapshotError> {
-    vmm::restore(RestoreSpec {
+fn spec<'a>(snap: &'a Snapshot, log: &Path) -> RestoreSpec<'a> {
+    RestoreSpec {
         state_path: &snap.state,
         mem_path: &snap.mem,
         serial: Box::new(std::fs::File::create(log).unwrap()),
         vsock_uds_path: None,
         seccomp: true,
-    })
+    }
+}
+
+fn restore(snap: &Snapshot, log: &Path) -> Result<MicroVm, SnapshotError> {
+    vmm::restore(spec(snap, log))
 }
 
 /// Private_Dirty + Anonymous of the mapping starting at `addr`, from /proc/self/smaps, in KiB.
@@ -138,10 +144,16 @@ fn clones_finish_correctly_diverge_and_share_memory() {
     }
     let snap = snapshot_mid_run("clones");
     let inputs = [0u64, 1000, 77_777];
+    // The last clone goes into a VM shell made before the restore, as a pool would.
+    let mut shell = Some(vmm::VmShell::new(&snap.state, &snap.mem).unwrap());
     let mut clones = Vec::new();
     for (k, input) in inputs.iter().enumerate() {
         let log = snap.dir.join(format!("clone{k}.log"));
-        let vm = restore(&snap, &log).unwrap();
+        let vm = if k == inputs.len() - 1 {
+            vmm::restore_into(shell.take().unwrap(), spec(&snap, &log)).unwrap()
+        } else {
+            restore(&snap, &log).unwrap()
+        };
         // Host input after restore: each clone gets its own mailbox value.
         vm.memory()
             .write_obj(*input, GuestAddress(MAILBOX))
@@ -213,8 +225,15 @@ fn bad_snapshot_files_are_refused_clearly() {
     let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
     assert!(chain.contains("truncated"), "{chain}");
 
-    // The intact pair still restores.
+    // A VM shell made from another snapshot's memory file.
     f.set_len(MEM_MIB << 20).unwrap();
+    let other = snap.dir.join("other-mem");
+    std::fs::copy(&snap.mem, &other).unwrap();
+    let shell = vmm::VmShell::new(&snap.state, &other).unwrap();
+    let e = vmm::restore_into(shell, spec(&snap, &log)).err().unwrap();
+    assert!(matches!(e, SnapshotError::ShellFile(_)), "{e}");
+
+    // The intact pair still restores.
     assert!(restore(&snap, &log).is_ok());
 }
 
@@ -231,6 +250,7 @@ fn devices_are_rebuilt_on_restore() {
         vcpu_count: 1,
         mem_size_mib: MEM_MIB,
         kernel_path: kernel,
+        initrd_path: None,
         cmdline: String::new(),
         serial_path: None,
         block_devices: vec![vmm::config::BlockConfig {

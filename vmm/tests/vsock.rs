@@ -38,6 +38,7 @@ fn guest_and_host_exchange_bytes_both_ways() {
         vcpu_count: 1,
         mem_size_mib: 64,
         kernel_path: kernel,
+        initrd_path: None,
         cmdline: String::new(),
         serial_path: Some(log.clone()),
         block_devices: vec![],
@@ -89,4 +90,71 @@ fn guest_and_host_exchange_bytes_both_ways() {
     assert_eq!(stop.unwrap(), GuestStop::Exit(0), "serial: {out}");
     assert!(out.contains("got: pong from host\n"), "{out}");
     assert!(out.ends_with("closed\n"), "{out}");
+}
+
+/// A paused VM stays still: host data arriving on a vsock connection is not put into the
+/// guest's buffers until the VM resumes (a snapshot taken meanwhile must not see guest memory
+/// and device state disagree).
+#[test]
+fn paused_vm_takes_no_host_data_until_resumed() {
+    if !common::kvm_available("paused_vm_takes_no_host_data_until_resumed") {
+        return;
+    }
+    // vsock_echo.c's receive queue: ring at 0x404000, used ring 0x2000 above, its index at +2.
+    const RX_USED_IDX: u64 = 0x404000 + 0x2000 + 2;
+    let dir = common::scratch("vsock-pause");
+    let kernel = common::build_guest("vsock_echo", &dir);
+    let uds = dir.join("echo.sock");
+    let log = dir.join("serial.log");
+    let cfg = VmConfig {
+        vcpu_count: 1,
+        mem_size_mib: 64,
+        kernel_path: kernel,
+        initrd_path: None,
+        cmdline: String::new(),
+        serial_path: Some(log.clone()),
+        block_devices: vec![],
+        vsock: Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: uds.clone(),
+        }),
+        net_devices: vec![],
+        seccomp: true,
+    };
+    let mut vm = vmm::build(cfg.validate().unwrap()).unwrap();
+    vm.resume().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !common::read_log(&log).contains("ready") {
+        assert!(Instant::now() < deadline, "guest never got ready");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut s = UnixStream::connect(&uds).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(b"CONNECT 1234\n").unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK "), "handshake reply {line:?}");
+
+    vm.pause().unwrap();
+    let used = |vm: &vmm::MicroVm| -> u16 {
+        use vm_memory::Bytes;
+        vm.memory()
+            .read_obj(vm_memory::GuestAddress(RX_USED_IDX))
+            .unwrap()
+    };
+    let before = used(&vm);
+    s.write_all(b"while paused").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        used(&vm),
+        before,
+        "the device filled guest buffers while paused"
+    );
+
+    vm.resume().unwrap();
+    let mut echo = [0u8; 12];
+    reader.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"while paused");
+    assert!(used(&vm) != before);
 }

@@ -301,6 +301,7 @@ fn jailed_vm(spec: &VmmSpec, uid: u32) -> Result<(Vec<BoundFile>, JailedVm), Vmm
             vcpu_count: *vcpu_count,
             mem_size_mib: *mem_size_mib,
             kernel_path: inside("kernel"),
+            initrd_path: None,
             cmdline: cmdline.clone(),
             serial_path,
             block_devices,

@@ -56,11 +56,32 @@ static __attribute__((noreturn)) void guest_exit(u32 status)
         __asm__ volatile("hlt");
 }
 
+#ifdef GUEST_ZERO_PAGE_ENTRY
+/*
+ * Entry for guests that read the Linux zero page and can be packaged both as an ELF (entered
+ * at _start, 1 MiB) and as a bzImage (entered at the 64-bit entry, 0x200 bytes into the
+ * protected-mode part loaded at 1 MiB): _start jumps over 0x200 bytes of hlt to the common
+ * entry, which passes the zero page (rsi, per the 64-bit boot protocol) to main.
+ */
+void main(const u8 *zero_page);
+
+__attribute__((section(".text.start"), naked, noreturn)) void _start(void)
+{
+    __asm__ volatile("jmp entry64\n"
+                     ".fill 0x200 - (. - _start), 1, 0xf4\n"
+                     "entry64:\n"
+                     "mov %rsi, %rdi\n"
+                     "call main\n"
+                     "1: hlt\n"
+                     "jmp 1b");
+}
+#else
 void main(void);
 
 __attribute__((section(".text.start"), naked, noreturn)) void _start(void)
 {
     __asm__ volatile("call main\n1: hlt\njmp 1b");
 }
+#endif
 
 #endif

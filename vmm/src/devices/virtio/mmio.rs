@@ -15,7 +15,8 @@ const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x5345_5353; // "SESS"
 const CONFIG_SPACE: u64 = 0x100;
 
-mod reg {
+/// Register offsets of the virtio-mmio transport (virtio 1.2, 4.2.2).
+pub mod reg {
     pub const MAGIC: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;
