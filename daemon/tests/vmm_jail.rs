@@ -435,16 +435,8 @@ fn a_snapshot_is_restored_jailed_and_finishes_its_computation(env: &Env) {
     std::fs::create_dir_all(&dir).unwrap();
     let (state, memory, log) = (dir.join("state"), dir.join("mem"), dir.join("original.log"));
     let cfg = vmm::VmConfig {
-        vcpu_count: 1,
-        mem_size_mib: 64,
-        kernel_path: env.compute.clone(),
-        initrd_path: None,
-        cmdline: String::new(),
         serial_path: Some(log.clone()),
-        block_devices: vec![],
-        vsock: None,
-        net_devices: vec![],
-        seccomp: true,
+        ..vmm::VmConfig::new(env.compute.clone(), 64)
     };
     let mut original = vmm::build(cfg.validate().unwrap()).unwrap();
     original.resume().unwrap();

@@ -40,18 +40,7 @@ impl Write for FirstByte {
 }
 
 fn spec(kernel: &std::path::Path, mem_mib: u64, serial: Box<dyn Write + Send>) -> MachineSpec {
-    let cfg = VmConfig {
-        vcpu_count: 1,
-        mem_size_mib: mem_mib,
-        kernel_path: kernel.to_path_buf(),
-        initrd_path: None,
-        cmdline: String::new(),
-        serial_path: None,
-        block_devices: vec![],
-        vsock: None,
-        net_devices: vec![],
-        seccomp: true,
-    };
+    let cfg = VmConfig::new(kernel, mem_mib);
     let mut spec = cfg.validate().expect("valid config");
     spec.serial = serial;
     spec
@@ -103,39 +92,22 @@ fn mapping_rss_kib(starts: &[usize]) -> u64 {
 
 /// vsock round trips and echo throughput through the Unix-socket muxer.
 fn vsock_bench(dir: &std::path::Path) {
-    use std::io::{BufRead, BufReader, Read};
+    use std::io::Read;
     let echo = common::build_guest("vsock_echo", dir);
     let uds = dir.join("bench.sock");
     let log = dir.join("echo.log");
     let cfg = VmConfig {
-        vcpu_count: 1,
-        mem_size_mib: 128,
-        kernel_path: echo,
-        initrd_path: None,
-        cmdline: String::new(),
         serial_path: Some(log.clone()),
-        block_devices: vec![],
         vsock: Some(vmm::config::VsockConfig {
             guest_cid: 3,
             uds_path: uds.clone(),
         }),
-        net_devices: vec![],
-        seccomp: true,
+        ..VmConfig::new(echo, 128)
     };
     let mut vm = vmm::build(cfg.validate().unwrap()).unwrap();
     vm.resume().unwrap();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("ready")
-    {
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let mut s = std::os::unix::net::UnixStream::connect(&uds).unwrap();
-    s.write_all(b"CONNECT 1234\n").unwrap();
-    let mut reader = BufReader::new(s.try_clone().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert!(line.starts_with("OK "), "{line}");
+    common::wait_for_line(&log, "ready");
+    let (mut s, mut reader) = common::vsock_connect(&uds, 1234);
     let mut rtts = Vec::new();
     let mut b = [0u8; 1];
     for i in 0..200u32 {

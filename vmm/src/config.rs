@@ -68,6 +68,25 @@ fn yes() -> bool {
     true
 }
 
+impl VmConfig {
+    /// One vCPU, `mem_size_mib` of RAM, `kernel_path`, and nothing else: no command line,
+    /// console or devices, seccomp on (the defaults a JSON config gets for absent fields).
+    pub fn new(kernel_path: impl Into<PathBuf>, mem_size_mib: u64) -> VmConfig {
+        VmConfig {
+            vcpu_count: one(),
+            mem_size_mib,
+            kernel_path: kernel_path.into(),
+            initrd_path: None,
+            cmdline: String::new(),
+            serial_path: None,
+            block_devices: Vec::new(),
+            vsock: None,
+            net_devices: Vec::new(),
+            seccomp: yes(),
+        }
+    }
+}
+
 /// One virtio-net card on a tap device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -379,18 +398,7 @@ mod tests {
     #[test]
     fn bad_values_are_named() {
         let k = elf_file("ok");
-        let base = VmConfig {
-            vcpu_count: 1,
-            mem_size_mib: 64,
-            kernel_path: k.clone(),
-            initrd_path: None,
-            cmdline: String::new(),
-            serial_path: None,
-            block_devices: vec![],
-            vsock: None,
-            net_devices: vec![],
-            seccomp: true,
-        };
+        let base = VmConfig::new(k.clone(), 64);
         assert!(base.validate().is_ok());
         let e = VmConfig {
             vcpu_count: 0,
@@ -465,18 +473,7 @@ mod tests {
     }
 
     fn config(kernel: &Path) -> VmConfig {
-        VmConfig {
-            vcpu_count: 1,
-            mem_size_mib: 64,
-            kernel_path: kernel.to_owned(),
-            initrd_path: None,
-            cmdline: String::new(),
-            serial_path: None,
-            block_devices: vec![],
-            vsock: None,
-            net_devices: vec![],
-            seccomp: true,
-        }
+        VmConfig::new(kernel, 64)
     }
 
     fn validate_err(cfg: &VmConfig) -> (ConfigError, String) {

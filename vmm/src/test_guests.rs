@@ -24,27 +24,33 @@ pub fn source_dir() -> PathBuf {
 pub fn build(name: &str, out_dir: &Path) -> Result<PathBuf, GuestBuildError> {
     let src = source_dir();
     let out = out_dir.join(format!("{name}.elf"));
-    let status = Command::new("gcc")
-        .args([
-            "-ffreestanding",
-            "-nostdlib",
-            "-static",
-            "-no-pie",
-            "-fno-pie",
-            "-mgeneral-regs-only",
-            "-mno-sse",
-            "-mno-red-zone",
-            "-fno-stack-protector",
-            "-fno-asynchronous-unwind-tables",
-            // No endbr64: KVM's instruction emulator may not know it.
-            "-fcf-protection=none",
-            "-O2",
-            "-Wl,--build-id=none",
-            "-Wl,-z,max-page-size=4096",
-            "-Wl,--no-warn-rwx-segments",
-        ])
-        .arg(format!("-Wl,-T,{}", src.join("guest.ld").display()))
-        .arg(src.join(format!("{name}.c")))
+    let mut gcc = Command::new("gcc");
+    gcc.args([
+        "-ffreestanding",
+        "-nostdlib",
+        "-static",
+        "-no-pie",
+        "-fno-pie",
+        "-mgeneral-regs-only",
+        "-mno-sse",
+        "-mno-red-zone",
+        "-fno-stack-protector",
+        "-fno-asynchronous-unwind-tables",
+        // No endbr64: KVM's instruction emulator may not know it.
+        "-fcf-protection=none",
+        "-O2",
+        "-Wl,--build-id=none",
+        "-Wl,-z,max-page-size=4096",
+        "-Wl,--no-warn-rwx-segments",
+    ])
+    .arg(format!("-Wl,-T,{}", src.join("guest.ld").display()));
+    compile(gcc, name, out)
+}
+
+/// Runs `gcc` (flags already given) on `tests/guests/<name>.c`, writing `out`.
+fn compile(mut gcc: Command, name: &str, out: PathBuf) -> Result<PathBuf, GuestBuildError> {
+    let status = gcc
+        .arg(source_dir().join(format!("{name}.c")))
         .arg("-o")
         .arg(&out)
         .status()
@@ -151,18 +157,9 @@ pub fn pack_bzimage(code: &[u8], init_size: u32) -> Vec<u8> {
 /// Compiles `tests/guests/<name>.c` with the host's C library, statically linked, into
 /// `<out_dir>/<name>`: a Linux user program for an initramfs (`/init`).
 pub fn build_static_program(name: &str, out_dir: &Path) -> Result<PathBuf, GuestBuildError> {
-    let out = out_dir.join(name);
-    let status = Command::new("gcc")
-        .args(["-static", "-Os", "-Wall", "-Werror"])
-        .arg(source_dir().join(format!("{name}.c")))
-        .arg("-o")
-        .arg(&out)
-        .status()
-        .map_err(GuestBuildError::Spawn)?;
-    if !status.success() {
-        return Err(GuestBuildError::Failed(name.to_owned()));
-    }
-    Ok(out)
+    let mut gcc = Command::new("gcc");
+    gcc.args(["-static", "-Os", "-Wall", "-Werror"]);
+    compile(gcc, name, out_dir.join(name))
 }
 
 /// One file in an initramfs.

@@ -39,19 +39,12 @@ fn run(guest: &str, test: &str, read_only: bool) -> (String, Vec<u8>, Vec<u8>) {
     let before = disk_image(&disk);
     let log = dir.join("serial.log");
     let cfg = VmConfig {
-        vcpu_count: 1,
-        mem_size_mib: 64,
-        kernel_path: kernel,
-        initrd_path: None,
-        cmdline: String::new(),
         serial_path: Some(log.clone()),
         block_devices: vec![BlockConfig {
             path: disk.clone(),
             read_only,
         }],
-        vsock: None,
-        net_devices: vec![],
-        seccomp: true,
+        ..VmConfig::new(kernel, 64)
     };
     let mut vm = vmm::build(cfg.validate().unwrap()).unwrap();
     vm.resume().unwrap();

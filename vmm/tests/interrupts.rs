@@ -12,8 +12,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -35,19 +34,12 @@ const RFLAGS_IF: u64 = 1 << 9;
 
 fn config(kernel: &Path, serial: &Path, vsock: Option<&Path>) -> VmConfig {
     VmConfig {
-        vcpu_count: 1,
-        mem_size_mib: 64,
-        kernel_path: kernel.to_path_buf(),
-        initrd_path: None,
-        cmdline: String::new(),
         serial_path: Some(serial.to_path_buf()),
-        block_devices: vec![],
         vsock: vsock.map(|p| vmm::config::VsockConfig {
             guest_cid: 3,
             uds_path: p.to_path_buf(),
         }),
-        net_devices: vec![],
-        seccomp: true,
+        ..VmConfig::new(kernel, 64)
     }
 }
 
@@ -60,19 +52,6 @@ fn restore(state: &Path, mem: &Path, serial: &Path, vsock: Option<&Path>) -> Mic
         seccomp: true,
     })
     .unwrap()
-}
-
-/// Waits until the serial log contains `what`.
-fn wait_for_line(log: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !common::read_log(log).contains(what) {
-        assert!(
-            Instant::now() < deadline,
-            "guest never printed {what:?}; serial: {}",
-            common::read_log(log)
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 /// The `key=value` words of the guest's report line that starts with `first`.
@@ -123,13 +102,7 @@ fn wait_idle(vm: &MicroVm) {
 /// connection.
 fn echo_session(vm: &MicroVm, uds: &Path, messages: usize) {
     wait_idle(vm);
-    let mut s = UnixStream::connect(uds).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(b"CONNECT 1234\n").unwrap();
-    let mut reader = BufReader::new(s.try_clone().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert!(line.starts_with("OK "), "handshake reply {line:?}");
+    let (mut s, mut reader) = common::vsock_connect(uds, 1234);
     for i in 0..messages {
         let msg = format!("message {i} woke the guest");
         wait_idle(vm);
@@ -265,7 +238,7 @@ fn device_interrupts_drive_a_halted_vsock_echo_server() {
     let uds = dir.join("vsock.sock");
     let mut vm = vmm::build(config(&kernel, &log, Some(&uds)).validate().unwrap()).unwrap();
     vm.resume().unwrap();
-    wait_for_line(&log, "listening\n");
+    common::wait_for_line(&log, "listening\n");
     echo_session(&vm, &uds, 5);
     check_vsock_report(&mut vm, &log, 5);
 }
@@ -281,7 +254,7 @@ fn guest_halted_for_interrupts_wakes_after_restore() {
     let uds = dir.join("original.sock");
     let mut vm = vmm::build(config(&kernel, &log, Some(&uds)).validate().unwrap()).unwrap();
     vm.resume().unwrap();
-    wait_for_line(&log, "listening\n");
+    common::wait_for_line(&log, "listening\n");
     wait_idle(&vm);
     let (mem, state) = (dir.join("mem"), dir.join("state"));
     // A few instructions after it says it is idle, the guest is in hlt; snapshot until the
@@ -314,7 +287,7 @@ fn guest_halted_for_interrupts_wakes_after_restore() {
     let mut clone = restore(&state, &mem, &clone_log, Some(&clone_uds));
     clone.resume().unwrap();
     // Nothing but an interrupt can wake it: the device's TRANSPORT_RESET event first.
-    wait_for_line(&clone_log, "transport reset\n");
+    common::wait_for_line(&clone_log, "transport reset\n");
     echo_session(&clone, &clone_uds, 3);
     check_vsock_report(&mut clone, &clone_log, 3);
 }

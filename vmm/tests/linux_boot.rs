@@ -34,16 +34,10 @@ fn initrd_bytes(len: usize) -> Vec<u8> {
 
 fn config(kernel: &Path, initrd: Option<&Path>, cmdline: &str, serial: &Path) -> VmConfig {
     VmConfig {
-        vcpu_count: 1,
-        mem_size_mib: MEM_MIB,
-        kernel_path: kernel.to_owned(),
         initrd_path: initrd.map(Path::to_owned),
         cmdline: cmdline.to_owned(),
         serial_path: Some(serial.to_owned()),
-        block_devices: vec![],
-        vsock: None,
-        net_devices: vec![],
-        seccomp: true,
+        ..VmConfig::new(kernel, MEM_MIB)
     }
 }
 

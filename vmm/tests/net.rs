@@ -101,19 +101,12 @@ fn guest_sends_and_receives_ethernet_frames_through_a_tap() {
     let log = dir.join("serial.log");
     let tap = "vmmtest0";
     let cfg = VmConfig {
-        vcpu_count: 1,
-        mem_size_mib: 64,
-        kernel_path: kernel,
-        initrd_path: None,
-        cmdline: String::new(),
         serial_path: Some(log.clone()),
-        block_devices: vec![],
-        vsock: None,
         net_devices: vec![NetConfig {
             tap_name: tap.into(),
             mac: "06:00:ac:10:00:02".into(),
         }],
-        seccomp: true,
+        ..VmConfig::new(kernel, 64)
     };
     let spec = cfg.validate().unwrap();
     // Quiet the link (no IPv6 router solicitations) and bring it up before the guest runs.

@@ -53,15 +53,8 @@ fn snapshot_mid_run_with(test: &str, vcpus: u8) -> Snapshot {
     let kernel = common::build_guest("compute", &dir);
     let cfg = VmConfig {
         vcpu_count: vcpus,
-        mem_size_mib: MEM_MIB,
-        kernel_path: kernel,
-        initrd_path: None,
-        cmdline: String::new(),
         serial_path: Some(dir.join("original.log")),
-        block_devices: vec![],
-        vsock: None,
-        net_devices: vec![],
-        seccomp: true,
+        ..VmConfig::new(kernel, MEM_MIB)
     };
     let mut vm = vmm::build(cfg.validate().unwrap()).unwrap();
     let mut page = vec![0u8; 4096 * 8];
@@ -247,12 +240,6 @@ fn devices_are_rebuilt_on_restore() {
     let disk = dir.join("disk.img");
     std::fs::write(&disk, vec![0u8; 64 * 512]).unwrap();
     let cfg = VmConfig {
-        vcpu_count: 1,
-        mem_size_mib: MEM_MIB,
-        kernel_path: kernel,
-        initrd_path: None,
-        cmdline: String::new(),
-        serial_path: None,
         block_devices: vec![vmm::config::BlockConfig {
             path: disk.clone(),
             read_only: true,
@@ -261,8 +248,7 @@ fn devices_are_rebuilt_on_restore() {
             guest_cid: 7,
             uds_path: dir.join("original.sock"),
         }),
-        net_devices: vec![],
-        seccomp: true,
+        ..VmConfig::new(kernel, MEM_MIB)
     };
     let mut vm = vmm::build(cfg.validate().unwrap()).unwrap();
     vm.resume().unwrap();

@@ -4,12 +4,27 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::time::{Duration, Instant};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::time::Duration;
 
 use vmm::config::VsockConfig;
 use vmm::{GuestStop, VmConfig};
+
+/// Boots `kernel` with a vsock device on `uds` (guest CID 3) and lets it run.
+fn start(kernel: &std::path::Path, log: &std::path::Path, uds: &std::path::Path) -> vmm::MicroVm {
+    let cfg = VmConfig {
+        serial_path: Some(log.to_owned()),
+        vsock: Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: uds.to_owned(),
+        }),
+        ..VmConfig::new(kernel, 64)
+    };
+    let mut vm = vmm::build(cfg.validate().unwrap()).unwrap();
+    vm.resume().unwrap();
+    vm
+}
 
 #[test]
 fn guest_and_host_exchange_bytes_both_ways() {
@@ -34,50 +49,13 @@ fn guest_and_host_exchange_bytes_both_ways() {
         buf
     });
 
-    let cfg = VmConfig {
-        vcpu_count: 1,
-        mem_size_mib: 64,
-        kernel_path: kernel,
-        initrd_path: None,
-        cmdline: String::new(),
-        serial_path: Some(log.clone()),
-        block_devices: vec![],
-        vsock: Some(VsockConfig {
-            guest_cid: 3,
-            uds_path: uds.clone(),
-        }),
-        net_devices: vec![],
-        seccomp: true,
-    };
-    let mut vm = vmm::build(cfg.validate().unwrap()).unwrap();
-    vm.resume().unwrap();
+    let mut vm = start(&kernel, &log, &uds);
 
     assert_eq!(&server.join().unwrap(), b"ping from guest");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !common::read_log(&log).contains("listening") {
-        assert!(
-            Instant::now() < deadline,
-            "guest never listened: {}",
-            common::read_log(&log)
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::wait_for_line(&log, "listening");
 
     // Host -> guest port 1234.
-    let mut s = UnixStream::connect(&uds).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(b"CONNECT 1234\n").unwrap();
-    let mut reader = BufReader::new(s.try_clone().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert!(
-        line.starts_with("OK ") && line.ends_with('\n'),
-        "handshake reply {line:?}"
-    );
-    line[3..]
-        .trim()
-        .parse::<u32>()
-        .expect("OK carries the host port");
+    let (mut s, mut reader) = common::vsock_connect(&uds, 1234);
     s.write_all(b"hello guest").unwrap();
     let mut echo = [0u8; 16];
     reader.read_exact(&mut echo).unwrap();
@@ -106,35 +84,9 @@ fn paused_vm_takes_no_host_data_until_resumed() {
     let kernel = common::build_guest("vsock_echo", &dir);
     let uds = dir.join("echo.sock");
     let log = dir.join("serial.log");
-    let cfg = VmConfig {
-        vcpu_count: 1,
-        mem_size_mib: 64,
-        kernel_path: kernel,
-        initrd_path: None,
-        cmdline: String::new(),
-        serial_path: Some(log.clone()),
-        block_devices: vec![],
-        vsock: Some(VsockConfig {
-            guest_cid: 3,
-            uds_path: uds.clone(),
-        }),
-        net_devices: vec![],
-        seccomp: true,
-    };
-    let mut vm = vmm::build(cfg.validate().unwrap()).unwrap();
-    vm.resume().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !common::read_log(&log).contains("ready") {
-        assert!(Instant::now() < deadline, "guest never got ready");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let mut s = UnixStream::connect(&uds).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(b"CONNECT 1234\n").unwrap();
-    let mut reader = BufReader::new(s.try_clone().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert!(line.starts_with("OK "), "handshake reply {line:?}");
+    let mut vm = start(&kernel, &log, &uds);
+    common::wait_for_line(&log, "ready");
+    let (mut s, mut reader) = common::vsock_connect(&uds, 1234);
 
     vm.pause().unwrap();
     let used = |vm: &vmm::MicroVm| -> u16 {

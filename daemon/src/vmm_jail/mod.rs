@@ -299,9 +299,6 @@ fn jailed_vm(spec: &VmmSpec, uid: u32) -> Result<(Vec<BoundFile>, JailedVm), Vmm
             ..
         } => JailedVm::Boot(vmm::VmConfig {
             vcpu_count: *vcpu_count,
-            mem_size_mib: *mem_size_mib,
-            kernel_path: inside("kernel"),
-            initrd_path: None,
             cmdline: cmdline.clone(),
             serial_path,
             block_devices,
@@ -310,7 +307,7 @@ fn jailed_vm(spec: &VmmSpec, uid: u32) -> Result<(Vec<BoundFile>, JailedVm), Vmm
                 uds_path: io.join(VSOCK_SOCKET),
             }),
             net_devices: spec.net_devices.clone(),
-            seccomp: true,
+            ..vmm::VmConfig::new(inside("kernel"), *mem_size_mib)
         }),
         Boot::Snapshot { .. } => JailedVm::Restore(vmm::standalone::RestoreConfig {
             state_path: inside("snapshot.state"),

@@ -54,3 +54,44 @@ pub fn build_guest(name: &str, out_dir: &Path) -> PathBuf {
 pub fn read_log(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
+
+/// Waits (up to 60 s) until the serial log contains `what`.
+pub fn wait_for_line(log: &Path, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !read_log(log).contains(what) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "guest never printed {what:?}; serial: {}",
+            read_log(log)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// Connects to guest vsock `port` through the VM's Unix socket (`CONNECT <port>` / `OK
+/// <host port>`); returns the stream and a reader on it, reads time out after 60 s.
+pub fn vsock_connect(
+    uds: &Path,
+    port: u32,
+) -> (
+    std::os::unix::net::UnixStream,
+    std::io::BufReader<std::os::unix::net::UnixStream>,
+) {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(uds).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut reader = std::io::BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(
+        line.starts_with("OK ") && line.ends_with('\n'),
+        "handshake reply {line:?}"
+    );
+    line[3..]
+        .trim()
+        .parse::<u32>()
+        .expect("OK carries the host port");
+    (s, reader)
+}

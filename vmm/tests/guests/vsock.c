@@ -26,21 +26,9 @@ static void fail(const char *why)
 
 static void send(u16 op, u32 src_port, u32 dst_port, const char *data, u32 len)
 {
-    volatile struct hdr *h = (volatile struct hdr *)TX_BUF;
-    h->src_cid = cid;
-    h->dst_cid = 2;
-    h->src_port = src_port;
-    h->dst_port = dst_port;
-    h->len = len;
-    h->type = 1;
-    h->op = op;
-    h->flags = op == OP_SHUTDOWN ? 3 : 0;
-    h->buf_alloc = BUF_ALLOC;
-    h->fwd_cnt = fwd_cnt;
-    volatile char *p = (volatile char *)(TX_BUF + sizeof(struct hdr));
-    for (u32 i = 0; i < len; i++)
-        p[i] = data[i];
-    vq_desc(&txq, 0, TX_BUF, sizeof(struct hdr) + len, 0, 0);
+    u32 flags = op == OP_SHUTDOWN ? 3 : 0;
+    u32 n = vsock_packet(TX_BUF, cid, src_port, dst_port, op, flags, BUF_ALLOC, fwd_cnt, data, len);
+    vq_desc(&txq, 0, TX_BUF, n, 0, 0);
     vq_submit(DEV, &txq, 0);
     if (!vq_wait(DEV, &txq))
         fail("tx not used");

@@ -26,6 +26,30 @@ struct hdr {
 enum { OP_REQUEST = 1, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_UPDATE, OP_CREDIT_REQUEST };
 
 /*
+ * Writes a stream packet to the host (CID 2) at `buf`: header, then `len` bytes of `data`.
+ * Returns the packet's length, for the tx descriptor.
+ */
+static u32 vsock_packet(u64 buf, u64 cid, u32 src_port, u32 dst_port, u16 op, u32 flags,
+                        u32 buf_alloc, u32 fwd_cnt, volatile const char *data, u32 len)
+{
+    volatile struct hdr *h = (volatile struct hdr *)buf;
+    h->src_cid = cid;
+    h->dst_cid = 2;
+    h->src_port = src_port;
+    h->dst_port = dst_port;
+    h->len = len;
+    h->type = 1;
+    h->op = op;
+    h->flags = flags;
+    h->buf_alloc = buf_alloc;
+    h->fwd_cnt = fwd_cnt;
+    volatile char *p = (volatile char *)(buf + sizeof(struct hdr));
+    for (u32 i = 0; i < len; i++)
+        p[i] = data[i];
+    return sizeof(struct hdr) + len;
+}
+
+/*
  * Sets up the rx, tx and event queues, reads the guest's CID into `*cid` and offers `rx_bufs`
  * receive buffers (a header plus 4 KiB each) at RX_BUF(i). Returns nonzero if the device
  * refused, so each guest reports that its own way.
