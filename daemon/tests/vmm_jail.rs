@@ -61,6 +61,10 @@ fn main() -> ExitCode {
             the_jailed_vmm_sees_only_its_chroot_and_namespaces,
         ),
         (
+            "a_jailed_bzimage_gets_its_initrd_and_command_line",
+            a_jailed_bzimage_gets_its_initrd_and_command_line,
+        ),
+        (
             "a_syscall_outside_the_seccomp_policy_kills_the_jailed_vmm",
             a_syscall_outside_the_seccomp_policy_kills_the_jailed_vmm,
         ),
@@ -121,6 +125,8 @@ struct Env {
     spin: PathBuf,
     net: PathBuf,
     compute: PathBuf,
+    /// The zero-page reporter packaged as a bzImage.
+    bootparams: PathBuf,
 }
 
 impl Env {
@@ -141,6 +147,8 @@ impl Env {
             spin: build("spin")?,
             net: build("net")?,
             compute: build("compute")?,
+            bootparams: vmm::test_guests::build_bzimage("bootparams", &dir)
+                .map_err(|e| format!("{e}"))?,
             dir,
         })
     }
@@ -176,6 +184,7 @@ fn spec(id: &str, kernel: &Path) -> VmmSpec {
         },
         boot: Boot::Kernel {
             path: kernel.to_owned(),
+            initrd: None,
             cmdline: String::new(),
             vcpu_count: 1,
             mem_size_mib: 32,
@@ -340,6 +349,40 @@ fn the_jailed_vmm_sees_only_its_chroot_and_namespaces(env: &Env) {
             "{cgroups:?} left behind"
         );
         assert_eq!(std::fs::read(&disk).unwrap(), vec![0u8; 4096]);
+    });
+}
+
+fn a_jailed_bzimage_gets_its_initrd_and_command_line(env: &Env) {
+    runtime().block_on(async {
+        let jail = jail(env, "initrd", 6, &sessiond());
+        // Bound into the chroot read-only: it must be readable by the VM's uid.
+        let initrd = env.dir.join("initrd.img");
+        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&initrd, &bytes).unwrap();
+        let mut s = spec("bootparams", &env.bootparams);
+        s.boot = Boot::Kernel {
+            path: env.bootparams.clone(),
+            initrd: Some(initrd),
+            cmdline: "console=ttyS0 jailed=1".to_owned(),
+            vcpu_count: 1,
+            mem_size_mib: 32,
+        };
+        let mut vm = jail.spawn(s).await.unwrap();
+        assert_eq!(vm.wait().await.unwrap(), 7);
+        let log = std::fs::read_to_string(vm.serial_log()).unwrap();
+        let fnv = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        assert!(log.contains("cmdline: console=ttyS0 jailed=1\n"), "{log}");
+        assert!(
+            log.contains(&format!("initrd size: {:#018x}\n", bytes.len())),
+            "{log}"
+        );
+        assert!(
+            log.contains(&format!("initrd fnv1a: {fnv:#018x}\n")),
+            "{log}"
+        );
+        vm.destroy().await.unwrap();
     });
 }
 

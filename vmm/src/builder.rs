@@ -15,6 +15,7 @@ use crate::arch::x86_64::bzimage::ENTRY_64_OFFSET;
 use crate::arch::x86_64::layout::{
     ram_ranges, virtio_slot, HIMEM_START, MMIO_HOLE_START, VIRTIO_MMIO_SIZE,
 };
+use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::config::{Initrd, KernelFormat, MachineSpec};
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::legacy::exit::EXIT_PORT;
@@ -41,6 +42,8 @@ pub enum BuildError {
     InitrdRead(#[source] vm_memory::GuestMemoryError),
     #[error("writing boot tables")]
     Boot(#[from] BootSetupError),
+    #[error("writing the MP table")]
+    Mptable(#[from] MptableError),
     #[error("creating the VM")]
     Vm(#[from] VmError),
     #[error("vCPU")]
@@ -138,6 +141,7 @@ pub fn build(spec: MachineSpec) -> Result<MicroVm, BuildError> {
         initrd,
         &cmdline,
     )?;
+    mptable::write(&mem, vcpu_count)?;
 
     let vm = Vm::new(mem)?;
     let (pio, serial) = legacy_devices(&vm, serial, None)?;

@@ -6,7 +6,7 @@
 //! `magic "SESSDVMS" | version u32 | payload length u64 | crc32 of payload u32 | payload (JSON)`.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -262,23 +262,35 @@ impl VmShell {
     /// Prepares a restore of the snapshot in `state_path` and `mem_path`.
     pub fn new(state_path: &Path, mem_path: &Path) -> Result<VmShell, SnapshotError> {
         // The state file first: a bad one is refused before any KVM work.
-        let bytes = std::fs::read(state_path).map_err(io("reading", state_path))?;
+        let mut state_file = File::open(state_path).map_err(io("opening", state_path))?;
+        let mut bytes = Vec::new();
+        state_file
+            .read_to_end(&mut bytes)
+            .map_err(io("reading", state_path))?;
         let state = decode_state(&bytes, state_path)?;
         if state.vcpus.is_empty() {
             return Err(SnapshotError::NoVcpus(0));
         }
-        let file = File::open(mem_path).map_err(io("opening", mem_path))?;
-        let mem = memory::from_file(&file, state.mem_size)?;
+        let mem_file = File::open(mem_path).map_err(io("opening", mem_path))?;
+        let mem = memory::from_file(&mem_file, state.mem_size)?;
+        // Identities of the files actually read and mapped, not of whatever the paths
+        // name later.
+        let files = [
+            file_id(&state_file, state_path)?,
+            file_id(&mem_file, mem_path)?,
+        ];
         Ok(VmShell {
             vm: Vm::new(mem)?,
             state,
-            files: [file_id(state_path)?, file_id(mem_path)?],
+            files,
         })
     }
 }
 
-fn file_id(path: &Path) -> Result<(u64, u64), SnapshotError> {
-    let meta = std::fs::metadata(path).map_err(io("reading the metadata of", path))?;
+fn file_id(file: &File, path: &Path) -> Result<(u64, u64), SnapshotError> {
+    let meta = file
+        .metadata()
+        .map_err(io("reading the metadata of", path))?;
     Ok((meta.dev(), meta.ino()))
 }
 
@@ -294,7 +306,8 @@ pub fn restore(spec: RestoreSpec<'_>) -> Result<MicroVm, SnapshotError> {
 /// files; the shell is consumed whether or not the restore succeeds.
 pub fn restore_into(shell: VmShell, spec: RestoreSpec<'_>) -> Result<MicroVm, SnapshotError> {
     for (i, path) in [spec.state_path, spec.mem_path].into_iter().enumerate() {
-        if file_id(path)? != shell.files[i] {
+        let file = File::open(path).map_err(io("opening", path))?;
+        if file_id(&file, path)? != shell.files[i] {
             return Err(SnapshotError::ShellFile(path.to_path_buf()));
         }
     }

@@ -102,9 +102,11 @@ pub struct VmmSpec {
 /// How a jailed VM starts. Its files must be readable by the VM's uid.
 #[derive(Debug, Clone)]
 pub enum Boot {
-    /// Boot an ELF kernel (or tiny test guest) with `vcpu_count` vCPUs and `mem_size_mib`.
+    /// Boot a kernel (ELF or bzImage, or a tiny test guest), with an optional initrd, with
+    /// `vcpu_count` vCPUs and `mem_size_mib`.
     Kernel {
         path: PathBuf,
+        initrd: Option<PathBuf>,
         cmdline: String,
         vcpu_count: u8,
         mem_size_mib: u64,
@@ -232,7 +234,7 @@ fn chown(path: &Path, uid: u32) -> Result<(), CellError> {
 
 fn validate_spec(spec: &VmmSpec) -> Result<(), VmmJailError> {
     let files: Vec<&PathBuf> = match &spec.boot {
-        Boot::Kernel { path, .. } => vec![path],
+        Boot::Kernel { path, initrd, .. } => std::iter::once(path).chain(initrd).collect(),
         Boot::Snapshot { state, memory } => vec![state, memory],
     };
     for path in files
@@ -271,7 +273,9 @@ fn jailed_vm(spec: &VmmSpec, uid: u32) -> Result<(Vec<BoundFile>, JailedVm), Vmm
         writable,
     };
     let mut files = match &spec.boot {
-        Boot::Kernel { path, .. } => vec![bound(path, "kernel", false)],
+        Boot::Kernel { path, initrd, .. } => std::iter::once(bound(path, "kernel", false))
+            .chain(initrd.iter().map(|i| bound(i, "initrd", false)))
+            .collect(),
         Boot::Snapshot { state, memory } => vec![
             bound(state, "snapshot.state", false),
             bound(memory, "snapshot.mem", false),
@@ -293,12 +297,14 @@ fn jailed_vm(spec: &VmmSpec, uid: u32) -> Result<(Vec<BoundFile>, JailedVm), Vmm
     let serial_path = spec.serial_log.then(|| io.join(SERIAL_LOG));
     let vm = match &spec.boot {
         Boot::Kernel {
+            initrd,
             cmdline,
             vcpu_count,
             mem_size_mib,
             ..
         } => JailedVm::Boot(vmm::VmConfig {
             vcpu_count: *vcpu_count,
+            initrd_path: initrd.as_ref().map(|_| inside("initrd")),
             cmdline: cmdline.clone(),
             serial_path,
             block_devices,
@@ -414,6 +420,7 @@ mod tests {
     fn kernel(mem_size_mib: u64) -> Boot {
         Boot::Kernel {
             path: PathBuf::from("/etc/passwd"),
+            initrd: Some(PathBuf::from("/etc/group")),
             cmdline: "console=ttyS0".to_owned(),
             vcpu_count: 2,
             mem_size_mib,
@@ -434,11 +441,15 @@ mod tests {
             .iter()
             .map(|f| (f.name.as_str(), f.writable))
             .collect();
-        assert_eq!(names, [("kernel", false), ("disk0", false)]);
+        assert_eq!(
+            names,
+            [("kernel", false), ("initrd", false), ("disk0", false)]
+        );
         let JailedVm::Boot(cfg) = vm else {
             panic!("not a boot")
         };
         assert_eq!(cfg.kernel_path, Path::new("/vm/kernel"));
+        assert_eq!(cfg.initrd_path.as_deref(), Some(Path::new("/vm/initrd")));
         assert_eq!(cfg.block_devices[0].path, Path::new("/vm/disk0"));
         assert_eq!(
             cfg.serial_path.as_deref(),
@@ -472,6 +483,7 @@ mod tests {
         let mut relative = spec(kernel(64));
         relative.boot = Boot::Kernel {
             path: PathBuf::from("vmlinux"),
+            initrd: None,
             cmdline: String::new(),
             vcpu_count: 1,
             mem_size_mib: 64,
@@ -481,5 +493,15 @@ mod tests {
         no_disk.disks[0].path = PathBuf::from("/nonexistent/disk.img");
         let e = validate_spec(&no_disk).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/disk.img"), "{e}");
+        let mut no_initrd = spec(kernel(64));
+        no_initrd.boot = Boot::Kernel {
+            path: PathBuf::from("/etc/passwd"),
+            initrd: Some(PathBuf::from("/nonexistent/initrd")),
+            cmdline: String::new(),
+            vcpu_count: 1,
+            mem_size_mib: 64,
+        };
+        let e = validate_spec(&no_initrd).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/initrd"), "{e}");
     }
 }

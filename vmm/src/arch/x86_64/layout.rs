@@ -2,8 +2,9 @@
 //!
 //! Low memory follows Firecracker's choices so a Linux guest finds what it expects: the
 //! GDT/IDT below 0x1000, the zero page at 0x7000, page tables at 0x9000, the command line at
-//! 0x20000 and the kernel at 1 MiB. Devices live in a 32-bit MMIO hole below 4 GiB; RAM that
-//! would overlap it continues above 4 GiB.
+//! 0x20000, the MP table in the last KiB of base memory (0x9fc00) and the kernel at 1 MiB.
+//! Devices live in a 32-bit MMIO hole below 4 GiB; RAM that would overlap it continues above
+//! 4 GiB.
 
 /// Global descriptor table.
 pub const GDT_ADDR: u64 = 0x500;
@@ -27,6 +28,11 @@ pub const CMDLINE_ADDR: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// Start of the extended BIOS data area: the end of usable low RAM in the e820 map.
 pub const EBDA_START: u64 = 0x9fc00;
+/// Intel MP table (floating pointer, then the configuration table): the last KiB of base
+/// memory, one of the places Linux scans for "_MP_", and outside e820 RAM.
+pub const MPTABLE_START: u64 = EBDA_START;
+/// Room for the MP table: up to the legacy video hole at 0xa0000.
+pub const MPTABLE_MAX_SIZE: u64 = 0x400;
 /// First byte of high memory; kernels are loaded at or above it.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole (virtio-mmio devices, LAPIC, IOAPIC).
@@ -50,6 +56,10 @@ const _: () = {
     assert!(ZERO_PAGE_ADDR + 0x1000 <= BOOT_STACK_POINTER);
     assert!(BOOT_STACK_POINTER < PML4_ADDR);
     assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    // The MP table lies in the e820 gap between low RAM and 1 MiB, below the video hole.
+    assert!(MPTABLE_START >= EBDA_START);
+    assert!(MPTABLE_START.is_multiple_of(16));
+    assert!(MPTABLE_START + MPTABLE_MAX_SIZE <= 0xa0000);
 };
 
 /// Most virtio-mmio devices one VM can have (IRQs 5..=23).

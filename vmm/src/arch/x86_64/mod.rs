@@ -4,4 +4,5 @@ pub mod boot;
 pub mod bzimage;
 pub mod gdt;
 pub mod layout;
+pub mod mptable;
 pub mod regs;
