@@ -41,26 +41,13 @@ fn config(kernel: &Path, initrd: Option<&Path>, cmdline: &str, serial: &Path) ->
     }
 }
 
-/// What the `bootparams` guest printed, by key.
-struct Report(String);
-
-impl Report {
-    fn text(&self, key: &str) -> &str {
-        self.0
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.strip_prefix(": "))
-            .unwrap_or_else(|| panic!("no {key:?} line in the guest's report:\n{}", self.0))
-    }
-
-    fn num(&self, key: &str) -> u64 {
-        let v = self.text(key);
-        u64::from_str_radix(v.trim_start_matches("0x"), 16)
-            .unwrap_or_else(|e| panic!("{key}: {v:?}: {e}"))
-    }
-}
-
 /// Boots `kernel` with `initrd` and returns the guest's report.
-fn run_bootparams(dir: &Path, kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> Report {
+fn run_bootparams(
+    dir: &Path,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    cmdline: &str,
+) -> common::Report {
     // Serial output is appended to an existing file: one fresh log per run.
     static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -71,7 +58,7 @@ fn run_bootparams(dir: &Path, kernel: &Path, initrd: Option<&Path>, cmdline: &st
     let stop = vm.wait(Duration::from_secs(30)).unwrap();
     let out = common::read_log(&log);
     assert_eq!(stop, GuestStop::Exit(7), "serial:\n{out}");
-    Report(out)
+    common::Report(out)
 }
 
 /// Page-aligned, as high as RAM (below `limit`) allows.

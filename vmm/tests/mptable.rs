@@ -9,22 +9,7 @@ use std::time::Duration;
 
 use vmm::{GuestStop, VmConfig};
 
-/// What the `mptable` guest printed, by key.
-struct Report(String);
-
-impl Report {
-    fn num(&self, key: &str) -> u64 {
-        let v = self
-            .0
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.strip_prefix(": "))
-            .unwrap_or_else(|| panic!("no {key:?} line in the guest's report:\n{}", self.0));
-        u64::from_str_radix(v.trim_start_matches("0x"), 16)
-            .unwrap_or_else(|e| panic!("{key}: {v:?}: {e}"))
-    }
-}
-
-fn run(dir: &Path, kernel: &Path, vcpus: u8) -> Report {
+fn run(dir: &Path, kernel: &Path, vcpus: u8) -> common::Report {
     let log = dir.join(format!(
         "serial-{vcpus}-{}.log",
         kernel.extension().unwrap().to_string_lossy()
@@ -39,7 +24,7 @@ fn run(dir: &Path, kernel: &Path, vcpus: u8) -> Report {
     let stop = vm.wait(Duration::from_secs(60)).unwrap();
     let out = common::read_log(&log);
     assert_eq!(stop, GuestStop::Exit(9), "serial:\n{out}");
-    Report(out)
+    common::Report(out)
 }
 
 #[test]

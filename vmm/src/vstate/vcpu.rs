@@ -234,6 +234,13 @@ impl Vcpu {
     /// Reads the vCPU's complete state. It must not be running.
     pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
         let save = |what| move |source| VcpuError::Save { what, source };
+        // KVM_GET_MP_STATE first: it makes KVM take an INIT or SIPI still pending in the
+        // in-kernel LAPIC (kvm_apic_accept_events), which resets the registers (INIT) or
+        // sets CS:IP (SIPI). An AP paused while the BSP starts it has them pending; read
+        // before, the registers were the ones from before the IPIs while the MP state said
+        // "running", and the restored AP ran from the wrong place (Firecracker orders its
+        // save the same way). tests/smp.rs: pending_sipi_is_in_the_saved_registers.
+        let mp_state = self.fd.get_mp_state().map_err(save("KVM_GET_MP_STATE"))?;
         let cpuid = self
             .fd
             .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
@@ -279,7 +286,7 @@ impl Vcpu {
                 .map_err(save("KVM_GET_DEBUGREGS"))?,
             lapic: self.fd.get_lapic().map_err(save("KVM_GET_LAPIC"))?,
             msrs: msrs.as_slice().to_vec(),
-            mp_state: self.fd.get_mp_state().map_err(save("KVM_GET_MP_STATE"))?,
+            mp_state,
             events: self
                 .fd
                 .get_vcpu_events()

@@ -95,3 +95,21 @@ pub fn vsock_connect(
         .expect("OK carries the host port");
     (s, reader)
 }
+
+/// A test guest's report on serial: `key: value` lines, values in hex (`serial_hex`).
+pub struct Report(pub String);
+
+impl Report {
+    pub fn text(&self, key: &str) -> &str {
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(": "))
+            .unwrap_or_else(|| panic!("no {key:?} line in the guest's report:\n{}", self.0))
+    }
+
+    pub fn num(&self, key: &str) -> u64 {
+        let v = self.text(key);
+        u64::from_str_radix(v.trim_start_matches("0x"), 16)
+            .unwrap_or_else(|e| panic!("{key}: {v:?}: {e}"))
+    }
+}
