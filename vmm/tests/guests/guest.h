@@ -49,6 +49,18 @@ static void serial_hex(u64 v)
         serial_putc("0123456789abcdef"[(v >> shift) & 0xf]);
 }
 
+static __attribute__((unused)) void serial_dec(u64 v)
+{
+    char buf[21];
+    int i = 20;
+    buf[i] = 0;
+    do {
+        buf[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    serial_puts(&buf[i]);
+}
+
 static __attribute__((noreturn)) void guest_exit(u32 status)
 {
     outl(EXIT_PORT, status);

@@ -16,22 +16,11 @@
 #ifndef IRQ_H
 #define IRQ_H
 
-#include "guest.h"
+#include "lapic.h"
 
 #define IDT_BASE 0x500000UL
-#define LAPIC_BASE 0xfee00000UL
 #define IOAPIC_BASE 0xfec00000UL
 
-#define LAPIC_ID 0x020
-#define LAPIC_TPR 0x080
-#define LAPIC_EOI 0x0b0
-#define LAPIC_SVR 0x0f0
-#define LAPIC_LVT_TIMER 0x320
-#define LAPIC_TIMER_INIT 0x380
-#define LAPIC_TIMER_CUR 0x390
-#define LAPIC_TIMER_DIV 0x3e0
-
-#define SVR_APIC_ENABLE 0x100
 #define LVT_TIMER_PERIODIC (1u << 17)
 #define LVT_MASKED (1u << 16)
 
@@ -41,9 +30,6 @@
 #define EXIT_FAULT 0x100
 
 static void irq_handler(u8 vector);
-
-static inline u32 lapic_read(u32 reg) { return *(volatile u32 *)(LAPIC_BASE + reg); }
-static inline void lapic_write(u32 reg, u32 v) { *(volatile u32 *)(LAPIC_BASE + reg) = v; }
 
 static void ioapic_write(u32 reg, u32 v)
 {
@@ -190,18 +176,6 @@ static __attribute__((unused)) void lapic_timer_stop(void)
 {
     lapic_write(LAPIC_LVT_TIMER, LVT_MASKED);
     lapic_write(LAPIC_TIMER_INIT, 0);
-}
-
-static void serial_dec(u64 v)
-{
-    char buf[21];
-    int i = 20;
-    buf[i] = 0;
-    do {
-        buf[--i] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    serial_puts(&buf[i]);
 }
 
 #endif

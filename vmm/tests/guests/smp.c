@@ -27,7 +27,7 @@
  * Host input: CPUS (the vCPU count) and STOP_AT before boot, GATE to release the BSP.
  * Exit status: 0, or 2 (bad CPUS), 3 (an AP never checked in).
  */
-#include "guest.h"
+#include "lapic.h"
 
 #define MAX_CPUS 32
 #define ROUNDS 8
@@ -43,16 +43,6 @@
 #define GATE_BEFORE_SIPI 1
 #define GATE_HALFWAY 2
 
-#define LAPIC_BASE 0xfee00000UL
-#define LAPIC_ID 0x020
-#define LAPIC_TPR 0x080
-#define LAPIC_SVR 0x0f0
-#define LAPIC_ICR_LOW 0x300
-#define LAPIC_ICR_HIGH 0x310
-#define ICR_PENDING (1u << 12)
-#define ICR_INIT_ASSERT 0xc500 /* INIT, level-triggered, assert */
-#define ICR_INIT_DEASSERT 0x8500
-#define ICR_STARTUP 0x0600
 
 /* Written by the APs' assembly entry and read by C: not static. */
 u32 ap_next;
@@ -137,8 +127,6 @@ __asm__(".text\n"
 
 extern const u8 smp_trampoline_start[], smp_trampoline_end[];
 
-static inline u32 lapic_read(u32 reg) { return *(volatile u32 *)(LAPIC_BASE + reg); }
-static inline void lapic_write(u32 reg, u32 v) { *(volatile u32 *)(LAPIC_BASE + reg) = v; }
 
 static inline void lock_inc(volatile u32 *p) { __asm__ volatile("lock incl %0" : "+m"(*p) : : "memory"); }
 
@@ -149,23 +137,11 @@ static inline u64 rdtsc(void)
     return ((u64)hi << 32) | lo;
 }
 
-static void put_dec(u64 v)
-{
-    char buf[21];
-    int i = 20;
-    buf[i] = 0;
-    do {
-        buf[--i] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    serial_puts(&buf[i]);
-}
-
 static void put_kv(const char *key, u64 v)
 {
     serial_puts(key);
     serial_putc('=');
-    put_dec(v);
+    serial_dec(v);
 }
 
 static u32 my_tpr(u64 cpu) { return (u32)((cpu + 1) << 4); }
@@ -208,14 +184,6 @@ void ap_main(u64 cpu)
     lock_inc(&done);
 }
 
-static void send_ipi(u32 apic_id, u32 icr)
-{
-    lapic_write(LAPIC_ICR_HIGH, apic_id << 24);
-    lapic_write(LAPIC_ICR_LOW, icr);
-    while (lapic_read(LAPIC_ICR_LOW) & ICR_PENDING)
-        ;
-}
-
 /*
  * INIT, then two SIPIs. The specification's delays (10 ms after INIT, 200 us between the
  * SIPIs) are for real hardware; KVM's LAPIC delivers each IPI before the ICR write returns.
@@ -255,7 +223,7 @@ void main(void)
             /* ~10 s at 2 GHz: far beyond any start, even with every instruction emulated. */
             if (rdtsc() - start > 20000000000UL) {
                 serial_puts("ap ");
-                put_dec(id);
+                serial_dec(id);
                 serial_puts(" never started\n");
                 guest_exit(3);
             }

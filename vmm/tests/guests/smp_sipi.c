@@ -4,7 +4,7 @@
  * IPIs are still pending in its LAPIC when it is saved. The stub, once an AP runs it, counts
  * its start at TRAMPOLINE + AP_STARTS_OFFSET and halts.
  */
-#include "guest.h"
+#include "lapic.h"
 
 #define TRAMPOLINE 0x6000
 /* In the trampoline's page: real mode reaches only its own 64 KiB segment. */
@@ -12,12 +12,6 @@
 #define XSTR(x) STR(x)
 #define STR(x) #x
 
-#define LAPIC_BASE 0xfee00000UL
-#define LAPIC_SVR 0x0f0
-#define LAPIC_ICR_LOW 0x300
-#define LAPIC_ICR_HIGH 0x310
-#define ICR_PENDING (1u << 12)
-#define ICR_INIT_ASSERT 0xc500
 #define ICR_STARTUP 0x0600
 
 /* Real mode, CS = TRAMPOLINE >> 4 (base TRAMPOLINE): count this start, then halt. */
@@ -35,17 +29,6 @@ __asm__(".text\n"
         ".code64\n");
 
 extern const u8 sipi_stub_start[], sipi_stub_end[];
-
-static inline u32 lapic_read(u32 reg) { return *(volatile u32 *)(LAPIC_BASE + reg); }
-static inline void lapic_write(u32 reg, u32 v) { *(volatile u32 *)(LAPIC_BASE + reg) = v; }
-
-static void send_ipi(u32 apic_id, u32 icr)
-{
-    lapic_write(LAPIC_ICR_HIGH, apic_id << 24);
-    lapic_write(LAPIC_ICR_LOW, icr);
-    while (lapic_read(LAPIC_ICR_LOW) & ICR_PENDING)
-        ;
-}
 
 void main(void)
 {
