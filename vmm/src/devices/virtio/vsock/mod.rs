@@ -38,6 +38,12 @@ const EVQ: usize = 2;
 /// Receive buffer advertised to the guest per connection: the most guest data the device
 /// will hold for a slow host reader.
 const CONN_BUF: u32 = 256 * 1024;
+/// Most packets waiting for guest rx buffers. Each guest packet can queue a reply (RST,
+/// RESPONSE, credit update): past this the device stops taking guest packets until the guest
+/// takes replies, so a guest that never posts rx buffers cannot grow host memory.
+const MAX_RX_BACKLOG: usize = 2 * QUEUE_SIZE as usize;
+/// Most open connections per device: each holds a host socket and up to `CONN_BUF` bytes.
+const MAX_CONNS: usize = 1024;
 /// Largest chunk read from a host socket into one packet.
 const READ_CHUNK: usize = 4096;
 /// Longest `CONNECT <port>\n` line accepted.
@@ -250,6 +256,11 @@ impl Vsock {
             OP_REQUEST => {
                 if self.conns.contains_key(&key) {
                     self.drop_conn(key);
+                    self.rx.push_back((self.header(key, OP_RST, 0), Vec::new()));
+                    return;
+                }
+                if self.conns.len() >= MAX_CONNS {
+                    tracing::debug!("vsock: guest connection refused: {MAX_CONNS} open");
                     self.rx.push_back((self.header(key, OP_RST, 0), Vec::new()));
                     return;
                 }
@@ -490,8 +501,12 @@ impl Vsock {
 
     fn pump(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, ChainError> {
         let mut used = false;
-        // Drain the guest's tx queue first (it frees credit and answers handshakes).
-        while let Some((index, descs)) = chain::pop(&mut queues[TXQ], mem)? {
+        // Drain the guest's tx queue first (it frees credit and answers handshakes); the
+        // guest's next rx notification resumes it if the backlog stopped it.
+        while self.rx.len() < MAX_RX_BACKLOG {
+            let Some((index, descs)) = chain::pop(&mut queues[TXQ], mem)? else {
+                break;
+            };
             let (h, payload) = read_packet(&descs, mem)?;
             queues[TXQ]
                 .add_used(mem, index, 0)
@@ -585,6 +600,70 @@ mod tests {
         let p = std::env::temp_dir().join(format!("vmm-vsock-cid-{}", std::process::id()));
         assert!(matches!(Vsock::new(2, &p), Err(VsockError::Cid(2))));
         assert!(matches!(Vsock::new(1 << 33, &p), Err(VsockError::Cid(_))));
+    }
+
+    #[test]
+    fn a_guest_that_takes_no_replies_cannot_grow_the_reply_queue() {
+        use vm_memory::GuestAddress;
+        let mem = crate::vstate::memory::anonymous(4 << 20).unwrap();
+        let uds = std::env::temp_dir().join(format!("vmm-vsock-backlog-{}", std::process::id()));
+        let mut dev = Vsock::new(3, &uds).unwrap();
+        // Rings at 0x10000 (rx, never given buffers), 0x20000 (tx), 0x30000 (events).
+        let mut queues: Vec<Queue> = [0x10000u32, 0x20000, 0x30000]
+            .iter()
+            .map(|&base| {
+                let mut q = Queue::new(QUEUE_SIZE).unwrap();
+                q.set_desc_table_address(Some(base), Some(0));
+                q.set_avail_ring_address(Some(base + 0x1000), Some(0));
+                q.set_used_ring_address(Some(base + 0x2000), Some(0));
+                q.set_ready(true);
+                q
+            })
+            .collect();
+        // Connection requests to a port nobody listens on: each earns an RST.
+        let request = Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 1000,
+            dst_port: 7,
+            len: 0,
+            type_: TYPE_STREAM,
+            op: OP_REQUEST,
+            flags: 0,
+            buf_alloc: 0,
+            fwd_cnt: 0,
+        };
+        mem.write_slice(&request.encode(), GuestAddress(0x40000))
+            .unwrap();
+        let (tx_desc, tx_avail, tx_used) = (0x20000u64, 0x21000u64, 0x22000u64);
+        let mut published = 0u16;
+        for _ in 0..8 {
+            let consumed: u16 = mem.read_obj(GuestAddress(tx_used + 2)).unwrap();
+            if consumed != published {
+                break;
+            }
+            // A full ring of requests, all sharing one header buffer.
+            for i in 0..u64::from(QUEUE_SIZE) {
+                let mut d = [0u8; 16];
+                d[..8].copy_from_slice(&0x40000u64.to_le_bytes());
+                d[8..12].copy_from_slice(&(HDR_LEN as u32).to_le_bytes());
+                mem.write_slice(&d, GuestAddress(tx_desc + 16 * i)).unwrap();
+                let slot = u64::from(published.wrapping_add(i as u16) % QUEUE_SIZE);
+                mem.write_obj(i as u16, GuestAddress(tx_avail + 4 + 2 * slot))
+                    .unwrap();
+            }
+            published = published.wrapping_add(QUEUE_SIZE);
+            mem.write_obj(published, GuestAddress(tx_avail + 2))
+                .unwrap();
+            dev.process_queue(TXQ, &mut queues, &mem).unwrap();
+        }
+        assert_eq!(dev.rx.len(), MAX_RX_BACKLOG);
+        let consumed: u16 = mem.read_obj(GuestAddress(tx_used + 2)).unwrap();
+        assert_eq!(
+            usize::from(consumed),
+            MAX_RX_BACKLOG,
+            "tx stopped at the backlog"
+        );
     }
 
     #[test]
