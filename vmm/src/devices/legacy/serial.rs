@@ -37,18 +37,58 @@ impl Trigger for IrqTrigger {
 /// Guest output sink.
 pub type SerialOut = Box<dyn Write + Send>;
 
+/// Most guest output written to a serial file; the rest is dropped. The guest decides what
+/// it prints, and the file is on the host's disk.
+pub const MAX_SERIAL_OUTPUT: u64 = 16 << 20;
+
 /// The serial output for a configured path: the file (created, or appended to; a FIFO
-/// works too), or discarded when there is none.
+/// works too), capped at [`MAX_SERIAL_OUTPUT`] bytes, or discarded when there is none.
 pub fn open_output(path: Option<&std::path::Path>) -> std::io::Result<SerialOut> {
+    open_capped(path, MAX_SERIAL_OUTPUT)
+}
+
+fn open_capped(path: Option<&std::path::Path>, cap: u64) -> std::io::Result<SerialOut> {
     Ok(match path {
-        Some(path) => Box::new(
-            std::fs::File::options()
+        Some(path) => Box::new(Capped {
+            out: std::fs::File::options()
                 .create(true)
                 .append(true)
                 .open(path)?,
-        ),
+            left: cap,
+        }),
         None => Box::new(std::io::sink()),
     })
+}
+
+/// A writer that passes on the first `left` bytes, then says once that it stopped, then
+/// drops everything (still reporting success, so the UART carries on).
+struct Capped<W> {
+    out: W,
+    left: u64,
+}
+
+impl<W: Write> Write for Capped<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Ok(buf.len());
+        }
+        let n = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let written = self.out.write(&buf[..n])?;
+        self.left -= written as u64;
+        if self.left == 0 {
+            // Best effort: the marker is for whoever reads the log.
+            let _ = self
+                .out
+                .write_all(b"\n[sessiond: serial output limit reached; the rest is dropped]\n");
+        }
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }
 
 /// The UART and its output.
@@ -158,6 +198,25 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn serial_files_stop_growing_at_the_cap() {
+        let path = std::env::temp_dir().join(format!("vmm-serial-cap-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut out = open_capped(Some(&path), 100).unwrap();
+        for _ in 0..50 {
+            out.write_all(b"0123456789").unwrap();
+        }
+        out.flush().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with(&"0123456789".repeat(10)), "{text}");
+        assert!(
+            text.ends_with("limit reached; the rest is dropped]\n"),
+            "{text}"
+        );
+        assert!(text.len() < 200, "{} bytes", text.len());
+        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
