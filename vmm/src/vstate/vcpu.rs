@@ -399,6 +399,26 @@ impl Vcpu {
         }
     }
 
+    /// Lets KVM finish an exit the VMM has already handled, without running guest code.
+    /// KVM completes a port or MMIO access (IN data into the register, RIP past the
+    /// instruction) only on the next KVM_RUN; a vCPU parked before that would be saved on
+    /// the instruction, and a clone would execute it again. With `immediate_exit` set,
+    /// KVM_RUN completes the access and returns EINTR before entering the guest (what
+    /// Firecracker does before saving a vCPU). A string access may need more exits to finish:
+    /// those are handled like any other, a few at most.
+    fn complete_pending_exit(&mut self) -> Result<Emulation, VcpuError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let mut outcome = Ok(Emulation::Interrupted);
+        for _ in 0..16 {
+            outcome = self.run_once();
+            if !matches!(outcome, Ok(Emulation::Handled)) {
+                break;
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        outcome
+    }
+
     /// Starts the vCPU thread. It runs the guest until told otherwise on `commands` and
     /// reports on `events`.
     pub fn spawn(
@@ -426,8 +446,13 @@ impl Vcpu {
         }
         loop {
             if let Ok(cmd) = commands.try_recv() {
-                if self.obey(cmd, commands, events) == Flow::Stop {
-                    return;
+                match self.obey(cmd, commands, events) {
+                    Flow::Run => {}
+                    Flow::Stop => return,
+                    Flow::Ended(result) => {
+                        send(VcpuEvent::Stopped(result));
+                        return;
+                    }
                 }
             }
             match self.run_once() {
@@ -458,7 +483,11 @@ impl Vcpu {
         match cmd {
             VcpuCommand::Stop => return Flow::Stop,
             VcpuCommand::Resume | VcpuCommand::Save => return Flow::Run,
-            VcpuCommand::Pause => send(VcpuEvent::Paused),
+            VcpuCommand::Pause => match self.complete_pending_exit() {
+                Ok(Emulation::Stopped(stop)) => return Flow::Ended(Ok(stop)),
+                Err(e) => return Flow::Ended(Err(e)),
+                Ok(_) => send(VcpuEvent::Paused),
+            },
         }
         loop {
             match commands.recv() {
@@ -474,10 +503,11 @@ impl Vcpu {
     }
 }
 
-#[derive(PartialEq, Eq)]
 enum Flow {
     Run,
     Stop,
+    /// The guest stopped (or could not run) while the vCPU was being parked.
+    Ended(Result<GuestStop, VcpuError>),
 }
 
 /// Orders for a vCPU thread.
