@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,8 +28,15 @@ use crate::vstate::vm::{Vm, VmError, VmState};
 
 /// First bytes of every state file.
 pub const STATE_MAGIC: [u8; 8] = *b"SESSDVMS";
-/// The state format this build writes and the only one it reads.
-pub const STATE_VERSION: u32 = 1;
+/// The state format this build writes and the only one it reads (2: the memory file ends
+/// with a trailer naming its snapshot).
+pub const STATE_VERSION: u32 = 2;
+/// The memory file is guest RAM followed by this trailer page: `MEM_MAGIC`, then the
+/// snapshot id (16 bytes) that the state file records too, so a state file is never paired
+/// with another snapshot's memory (a copy mixed up, or a crash between the two renames).
+pub const MEM_TRAILER_LEN: u64 = 4096;
+/// First bytes of the memory file's trailer.
+pub const MEM_MAGIC: [u8; 8] = *b"SESSDVMM";
 const HEADER_LEN: usize = 8 + 4 + 8 + 4;
 
 /// Why a snapshot could not be written or restored.
@@ -75,6 +83,13 @@ pub enum SnapshotError {
         #[source]
         source: serde_json::Error,
     },
+    #[error(
+        "{0:?} is not the memory of this snapshot (its trailer names another snapshot, or it \
+         has none): the state and memory files must come from the same snapshot() call"
+    )]
+    MemoryMismatch(PathBuf),
+    #[error("drawing a snapshot id from the kernel's random source")]
+    Random(#[source] std::io::Error),
     #[error("this VM shell was made from another snapshot than {0:?}")]
     ShellFile(PathBuf),
     #[error("the state has {0} vCPUs; at least one is needed")]
@@ -93,7 +108,9 @@ pub enum SnapshotError {
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MicroVmState {
-    /// Guest RAM size; the memory file must be exactly this long.
+    /// Random id shared with the memory file's trailer.
+    pub snapshot_id: [u8; 16],
+    /// Guest RAM size; the memory file is this long plus its trailer.
     pub mem_size: u64,
     /// MSRs saved per vCPU (kept so a clone can be snapshotted again).
     pub msr_list: Vec<u32>,
@@ -187,8 +204,11 @@ impl MicroVm {
             return Err(SnapshotError::NotPaused);
         }
         let vcpus = self.save_vcpus().map_err(SnapshotError::Vcpus)?;
+        let snapshot_id = random_id()?;
+        let mem_size = memory::size(self.memory());
         let state = MicroVmState {
-            mem_size: memory::size(self.memory()),
+            snapshot_id,
+            mem_size,
             msr_list: self.msr_list.to_vec(),
             vm: self.vm.save_state()?,
             vcpus,
@@ -212,23 +232,62 @@ impl MicroVm {
                 })
                 .collect(),
         };
+        // Both files are written under temporary names and renamed into place. Never
+        // rewritten in place: clones (this VM among them, if it is one) map the memory file
+        // MAP_PRIVATE, and truncating it under them would drop their pages (SIGBUS).
+        let mem_tmp = temp_name(mem_path);
         let mut mem_file = File::options()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
-            .open(mem_path)
-            .map_err(io("creating", mem_path))?;
-        memory::dump(self.memory(), &mut mem_file)?;
-        // Write then rename, so a crash never leaves a half-written state file under the name.
-        let tmp = state_path.with_extension("tmp");
-        let mut f = File::create(&tmp).map_err(io("creating", &tmp))?;
-        f.write_all(&encode_state(&state))
-            .and_then(|()| f.sync_all())
-            .map_err(io("writing", &tmp))?;
-        std::fs::rename(&tmp, state_path).map_err(io("renaming into", state_path))?;
-        Ok(())
+            .create_new(true)
+            .open(&mem_tmp)
+            .map_err(io("creating", &mem_tmp))?;
+        let written = memory::dump(self.memory(), &mut mem_file)
+            .map_err(SnapshotError::from)
+            .and_then(|()| {
+                let mut trailer = [0u8; 24];
+                trailer[..8].copy_from_slice(&MEM_MAGIC);
+                trailer[8..].copy_from_slice(&snapshot_id);
+                mem_file
+                    .set_len(mem_size + MEM_TRAILER_LEN)
+                    .and_then(|()| mem_file.write_all_at(&trailer, mem_size))
+                    .and_then(|()| mem_file.sync_all())
+                    .map_err(io("writing the trailer of", &mem_tmp))
+            })
+            .and_then(|()| {
+                let state_tmp = temp_name(state_path);
+                let mut f = File::create(&state_tmp).map_err(io("creating", &state_tmp))?;
+                f.write_all(&encode_state(&state))
+                    .and_then(|()| f.sync_all())
+                    .map_err(io("writing", &state_tmp))?;
+                std::fs::rename(&mem_tmp, mem_path).map_err(io("renaming into", mem_path))?;
+                std::fs::rename(&state_tmp, state_path).map_err(io("renaming into", state_path))
+            });
+        if written.is_err() {
+            let _ = std::fs::remove_file(&mem_tmp);
+            let _ = std::fs::remove_file(temp_name(state_path));
+        }
+        written
     }
+}
+
+/// 16 bytes from the kernel's random source.
+fn random_id() -> Result<[u8; 16], SnapshotError> {
+    let mut id = [0u8; 16];
+    // SAFETY: getrandom writes at most `id.len()` bytes into the buffer it is given, which
+    // is ours and that long.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    if n != id.len() as isize {
+        return Err(SnapshotError::Random(std::io::Error::last_os_error()));
+    }
+    Ok(id)
+}
+
+/// `<path>.tmp`, beside the file it will replace (a rename stays on one filesystem).
+fn temp_name(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp");
+    PathBuf::from(name)
 }
 
 /// What to restore and where the clone's console goes.
@@ -272,6 +331,7 @@ impl VmShell {
             return Err(SnapshotError::NoVcpus(0));
         }
         let mem_file = File::open(mem_path).map_err(io("opening", mem_path))?;
+        check_trailer(&mem_file, mem_path, &state)?;
         let mem = memory::from_file(&mem_file, state.mem_size)?;
         // Identities of the files actually read and mapped, not of whatever the paths
         // name later.
@@ -285,6 +345,29 @@ impl VmShell {
             files,
         })
     }
+}
+
+/// The memory file must be exactly guest RAM plus the trailer, and the trailer must name the
+/// state's snapshot.
+fn check_trailer(file: &File, path: &Path, state: &MicroVmState) -> Result<(), SnapshotError> {
+    let len = file
+        .metadata()
+        .map_err(io("reading the size of", path))?
+        .len();
+    let expected = state.mem_size + MEM_TRAILER_LEN;
+    if len != expected {
+        return Err(SnapshotError::Memory(MemoryError::FileSize {
+            expected,
+            actual: len,
+        }));
+    }
+    let mut trailer = [0u8; 24];
+    file.read_exact_at(&mut trailer, state.mem_size)
+        .map_err(io("reading the trailer of", path))?;
+    if trailer[..8] != MEM_MAGIC || trailer[8..] != state.snapshot_id {
+        return Err(SnapshotError::MemoryMismatch(path.to_path_buf()));
+    }
+    Ok(())
 }
 
 fn file_id(file: &File, path: &Path) -> Result<(u64, u64), SnapshotError> {
@@ -365,18 +448,18 @@ mod tests {
             Err(SnapshotError::BadMagic(_))
         ));
         let mut bytes = STATE_MAGIC.to_vec();
-        bytes.extend_from_slice(&2u32.to_le_bytes());
+        bytes.extend_from_slice(&1u32.to_le_bytes());
         bytes.extend_from_slice(&2u64.to_le_bytes());
         bytes.extend_from_slice(&crc32fast::hash(b"{}").to_le_bytes());
         bytes.extend_from_slice(b"{}");
         let Err(e) = decode_state(&bytes, p) else {
-            panic!("version 2 accepted")
+            panic!("version 1 accepted")
         };
         assert_eq!(
             e.to_string(),
-            "\"/snap/state\" has state format version 2; this build reads only version 1"
+            "\"/snap/state\" has state format version 1; this build reads only version 2"
         );
-        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
         bytes[HEADER_LEN] = b'[';
         assert!(matches!(
             decode_state(&bytes, p),

@@ -39,7 +39,6 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
     let mut allowed: Vec<i64> = vec![
         // memory and threads
         libc::SYS_brk,
-        libc::SYS_mmap,
         libc::SYS_munmap,
         libc::SYS_mremap,
         libc::SYS_madvise,
@@ -90,19 +89,22 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
                 .map_err(|e| e.to_string())?,
         ],
     );
-    // glibc's malloc grows (and, for a new thread's first allocation, creates) a per-thread
-    // arena by mprotect-ing reserved PROT_NONE memory to read/write; without this a vCPU or
-    // device thread that allocates under contention is killed. Never with PROT_EXEC, so a
-    // confined thread still cannot make memory executable.
-    map.insert(
-        libc::SYS_mprotect,
-        vec![SeccompRule::new(vec![cond(
-            2,
-            SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
-            0,
-        )?])
-        .map_err(|e| e.to_string())?],
-    );
+    // Memory, never executable: a confined thread cannot map or turn memory into code.
+    // mprotect is needed because glibc's malloc grows (and, for a new thread's first
+    // allocation, creates) a per-thread arena by mprotect-ing reserved PROT_NONE memory to
+    // read/write; without it a vCPU or device thread that allocates under contention is
+    // killed.
+    for nr in [libc::SYS_mmap, libc::SYS_mprotect] {
+        map.insert(
+            nr,
+            vec![SeccompRule::new(vec![cond(
+                2,
+                SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+                0,
+            )?])
+            .map_err(|e| e.to_string())?],
+        );
+    }
     // KVM ioctls (run, state save) and FIONBIO (std's set_nonblocking on new sockets).
     map.insert(
         libc::SYS_ioctl,

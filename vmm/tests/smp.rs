@@ -17,15 +17,12 @@ use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use linux_loader::loader::{elf::Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
-use vmm::arch::x86_64::boot;
 use vmm::devices::bus::{Bus, SharedDevice};
 use vmm::devices::legacy::exit::EXIT_PORT;
 use vmm::devices::legacy::ExitDevice;
 use vmm::persist::{MicroVmState, RestoreSpec};
 use vmm::vstate::vcpu::{kick_signal, readable_msrs, Vcpu, VcpuCommand, VcpuEvent, VcpuState};
-use vmm::vstate::vm::Vm;
 use vmm::{GuestStop, MicroVm, VmConfig};
 use vmm_sys_util::signal::Killable;
 
@@ -275,20 +272,6 @@ fn ap_waiting_for_sipi_in_a_snapshot_starts_in_the_clone() {
 const SIPI_STUB: u64 = 0x6000;
 const SIPI_STUB_STARTS: u64 = SIPI_STUB + 0x800;
 
-/// A VM assembled from the crate's parts (what `vmm::build` does, minus the vCPU threads),
-/// so a test decides which vCPU runs: guest RAM with `kernel`, the boot GDT and page tables.
-fn hand_built_vm(kernel: &Path) -> (Vm, u64) {
-    let mem = vmm::vstate::memory::anonymous(64 << 20).unwrap();
-    let mut file = std::fs::File::open(kernel).unwrap();
-    let entry = Elf::load(&mem, None, &mut file, Some(GuestAddress(IMAGE_START)))
-        .unwrap()
-        .kernel_load
-        .0;
-    boot::write_gdt(&mem).unwrap();
-    boot::write_page_tables(&mem).unwrap();
-    (Vm::new(mem).unwrap(), entry)
-}
-
 /// Port I/O with only the exit port; no MMIO devices.
 fn exit_port_buses() -> (Arc<Bus>, Arc<Bus>) {
     let mut pio = Bus::default();
@@ -332,7 +315,7 @@ fn pending_sipi_is_in_the_saved_registers() {
     }
     let dir = common::scratch("smp-pending-sipi");
     let kernel = common::build_guest("smp_sipi", &dir);
-    let (vm, entry) = hand_built_vm(&kernel);
+    let (vm, entry) = common::hand_built_vm(&kernel);
     let (pio, mmio) = exit_port_buses();
     let cpuid = vm.supported_cpuid().unwrap();
     let msrs = Arc::new(Vec::new());
@@ -354,7 +337,7 @@ fn pending_sipi_is_in_the_saved_registers() {
     );
 
     // Restored into a VM of its own, the AP runs the trampoline the BSP wrote.
-    let (clone_vm, _) = hand_built_vm(&kernel);
+    let (clone_vm, _) = common::hand_built_vm(&kernel);
     let mut page = [0u8; 0x1000];
     vm.memory()
         .read_slice(&mut page, GuestAddress(SIPI_STUB))

@@ -52,12 +52,12 @@ pub fn anonymous(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     collect(regions)
 }
 
-/// Guest RAM backed by `file` (a snapshot's memory file) mapped MAP_PRIVATE: pages are read
+/// Guest RAM backed by the first `size` bytes of `file` (a snapshot's memory file) mapped MAP_PRIVATE: pages are read
 /// from the page cache on first touch and shared by every clone until one writes, so mapping
 /// costs the same whatever the guest's size.
 pub fn from_file(file: &File, size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let actual = file.metadata().map_err(MemoryError::FileMetadata)?.len();
-    if actual != size {
+    if actual < size {
         return Err(MemoryError::FileSize {
             expected: size,
             actual,

@@ -113,3 +113,23 @@ impl Report {
             .unwrap_or_else(|e| panic!("{key}: {v:?}: {e}"))
     }
 }
+
+/// A VM built by hand from the crate's parts (64 MiB, `kernel` loaded at 1 MiB, boot GDT and
+/// page tables), for tests that drive `Vcpu`s themselves; returns it and the entry point.
+pub fn hand_built_vm(kernel: &Path) -> (vmm::vstate::vm::Vm, u64) {
+    use linux_loader::loader::{elf::Elf, KernelLoader};
+    let mem = vmm::vstate::memory::anonymous(64 << 20).unwrap();
+    let mut file = std::fs::File::open(kernel).unwrap();
+    let entry = Elf::load(
+        &mem,
+        None,
+        &mut file,
+        Some(vm_memory::GuestAddress(1 << 20)),
+    )
+    .unwrap()
+    .kernel_load
+    .0;
+    vmm::arch::x86_64::boot::write_gdt(&mem).unwrap();
+    vmm::arch::x86_64::boot::write_page_tables(&mem).unwrap();
+    (vmm::vstate::vm::Vm::new(mem).unwrap(), entry)
+}

@@ -170,6 +170,13 @@ impl MmioTransport {
         self.acked_features = s.acked_features;
         self.queue_sel = s.queue_sel;
         self.interrupt_status = s.interrupt_status;
+        if self.interrupt_status != 0 {
+            // The interrupt may have been raised just before the pause and not yet reached
+            // the irqchip when it was saved (KVM injects irqfd signals for IOAPIC routes
+            // later, from a worker). Raising it again is harmless: the driver reads the
+            // status register before acting, and acks what it finds.
+            let _ = self.irq.write(1);
+        }
         Ok(())
     }
 
@@ -496,6 +503,17 @@ mod tests {
         wr(&mut t, reg::STATUS, 0);
         assert_eq!(rd(&mut t, reg::STATUS), 0);
         assert_eq!(rd(&mut t, reg::QUEUE_READY), 0);
+        // A restored transport with an interrupt pending raises it again (it may not have
+        // reached the irqchip before the snapshot); one without does not.
+        let mut restored = transport();
+        restored.restore(&snap).unwrap();
+        assert_eq!(restored.snapshot(), snap);
+        assert_eq!(restored.irq.read().unwrap(), 1);
+        let mut quiet = transport();
+        let mut idle = snap.clone();
+        idle.interrupt_status = 0;
+        quiet.restore(&idle).unwrap();
+        assert!(quiet.irq.read().is_err(), "no interrupt without a pending status");
         t.restore(&snap).unwrap();
         assert_eq!(t.snapshot(), snap);
     }
