@@ -70,6 +70,10 @@ fn test_env() -> Option<&'static TestEnv> {
     match env {
         Ok(env) => Some(env),
         Err(reason) => {
+            // scripts/test sets SESSIOND_TEST_STRICT=1 on the machines that have everything.
+            if std::env::var("SESSIOND_TEST_STRICT").as_deref() == Ok("1") {
+                panic!("the jail tests cannot run ({reason}) and SESSIOND_TEST_STRICT=1");
+            }
             eprintln!("skipping jail test: {reason}");
             None
         }

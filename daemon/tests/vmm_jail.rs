@@ -92,6 +92,11 @@ fn main() -> ExitCode {
     let env = match Env::new() {
         Ok(env) => env,
         Err(reason) => {
+            // scripts/test sets SESSIOND_TEST_STRICT=1 on the machines that have everything.
+            if std::env::var("SESSIOND_TEST_STRICT").as_deref() == Ok("1") {
+                eprintln!("the jailed VMM tests cannot run ({reason}) and SESSIOND_TEST_STRICT=1");
+                return ExitCode::FAILURE;
+            }
             eprintln!("skipping the jailed VMM tests: {reason}");
             return ExitCode::SUCCESS;
         }

@@ -299,9 +299,16 @@ impl VmConfig {
                 };
                 let file = File::open(path).map_err(open_err)?;
                 let size = file.metadata().map_err(open_err)?.len();
-                // The builder checks again against the kernel's real end once it is loaded.
-                let room = initrd_limit.saturating_sub(initrd_lowest);
-                if size > room {
+                // The same placement the builder does, which checks again against the
+                // kernel's real end once it is loaded.
+                if crate::arch::x86_64::boot::place_initrd(size, initrd_lowest, initrd_limit)
+                    .is_err()
+                {
+                    let room = (initrd_limit & !0xfff).saturating_sub(
+                        initrd_lowest
+                            .checked_next_multiple_of(0x1000)
+                            .unwrap_or(u64::MAX),
+                    );
                     return Err(ConfigError::InitrdTooBig {
                         path: path.clone(),
                         size,

@@ -150,9 +150,10 @@ fn linux_kernel(test: &str) -> Option<std::path::PathBuf> {
     match std::env::var_os("SESSIOND_TEST_LINUX_KERNEL") {
         Some(k) => Some(k.into()),
         None => {
-            eprintln!(
-                "skipping {test}: SESSIOND_TEST_LINUX_KERNEL is unset; run \
-                 `export SESSIOND_TEST_LINUX_KERNEL=$(scripts/fetch-kernel)` first"
+            common::skip(
+                test,
+                "SESSIOND_TEST_LINUX_KERNEL is unset; run \
+                 `export SESSIOND_TEST_LINUX_KERNEL=$(scripts/fetch-kernel)` first",
             );
             None
         }

@@ -81,18 +81,21 @@ fn guest_sends_and_receives_ethernet_frames_through_a_tap() {
         return;
     }
     if !std::path::Path::new("/dev/net/tun").exists() {
-        eprintln!(
-            "skipping guest_sends_and_receives_ethernet_frames_through_a_tap: no /dev/net/tun"
+        common::skip(
+            "guest_sends_and_receives_ethernet_frames_through_a_tap",
+            "no /dev/net/tun",
         );
         return;
     }
     // SAFETY: unshare(2) with CLONE_NEWNET moves only this test thread (and the threads it
     // starts: the VMM's vCPU and device threads) into a fresh network namespace.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        eprintln!(
-            "skipping guest_sends_and_receives_ethernet_frames_through_a_tap: cannot create a \
-             network namespace ({})",
-            std::io::Error::last_os_error()
+        common::skip(
+            "guest_sends_and_receives_ethernet_frames_through_a_tap",
+            &format!(
+                "cannot create a network namespace ({})",
+                std::io::Error::last_os_error()
+            ),
         );
         return;
     }

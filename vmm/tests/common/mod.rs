@@ -5,14 +5,25 @@
 
 use std::path::{Path, PathBuf};
 
-/// Returns false (after printing why) when this host has no usable /dev/kvm.
+/// Returns false (after printing why) when this host has no usable /dev/kvm. Under
+/// `SESSIOND_TEST_STRICT=1` (what `scripts/test` sets on the machines that run CI, which have
+/// /dev/kvm) a missing /dev/kvm fails the test instead.
 pub fn kvm_available(test: &str) -> bool {
     let cap = vmm::detect();
     if !cap.dev_kvm_usable {
-        eprintln!("skipping {test}: {}", cap.summary);
+        skip(test, &cap.summary);
         return false;
     }
     true
+}
+
+/// Prints why `test` is skipped; panics instead under `SESSIOND_TEST_STRICT=1`, where every
+/// prerequisite is expected to be present.
+pub fn skip(test: &str, why: &str) {
+    if std::env::var("SESSIOND_TEST_STRICT").as_deref() == Ok("1") {
+        panic!("{test} cannot run ({why}) and SESSIOND_TEST_STRICT=1 forbids skipping");
+    }
+    eprintln!("skipping {test}: {why}");
 }
 
 /// A scratch directory removed when the test passes (kept after a failure, for debugging).

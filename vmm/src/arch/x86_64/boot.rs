@@ -110,7 +110,10 @@ pub fn place_initrd(size: u64, lowest: u64, limit: u64) -> Result<u64, BootSetup
         limit,
     };
     let start = limit.checked_sub(size).ok_or_else(too_big)? & !(PAGE_SIZE - 1);
-    if start < lowest.next_multiple_of(PAGE_SIZE) {
+    let floor = lowest
+        .checked_next_multiple_of(PAGE_SIZE)
+        .ok_or_else(too_big)?;
+    if start < floor {
         return Err(too_big());
     }
     Ok(start)
@@ -348,6 +351,8 @@ mod tests {
         let e = place_initrd(0x1000, 0x3ff_f001, 0x400_0000).unwrap_err();
         assert!(e.to_string().contains("give the VM more memory"), "{e}");
         assert!(place_initrd(0x500_0000, 0x20_0000, 0x400_0000).is_err());
+        // Bounds taken from a nonsense kernel header are refused, not overflowed.
+        assert!(place_initrd(0x1000, u64::MAX - 10, u64::MAX).is_err());
     }
 
     #[test]

@@ -152,7 +152,8 @@ impl SetupHeader {
 
     /// First byte above the region the kernel decompresses into when it does not relocate.
     pub fn init_end(&self) -> u64 {
-        self.pref_address + u64::from(self.init_size)
+        // Saturating: a nonsense pref_address then fails the "RAM must reach it" check.
+        self.pref_address.saturating_add(u64::from(self.init_size))
     }
 }
 

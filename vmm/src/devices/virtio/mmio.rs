@@ -513,7 +513,10 @@ mod tests {
         let mut idle = snap.clone();
         idle.interrupt_status = 0;
         quiet.restore(&idle).unwrap();
-        assert!(quiet.irq.read().is_err(), "no interrupt without a pending status");
+        assert!(
+            quiet.irq.read().is_err(),
+            "no interrupt without a pending status"
+        );
         t.restore(&snap).unwrap();
         assert_eq!(t.snapshot(), snap);
     }
