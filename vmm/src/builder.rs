@@ -207,6 +207,12 @@ fn event_loop(
     let _ = ready.send(Ok(()));
     let mut events = [EpollEvent::default(); 16];
     while !stop.load(Ordering::Acquire) {
+        if paused.load(Ordering::Acquire) {
+            // Not polling while paused: host data waits in the sockets. `MicroVm::resume`
+            // unparks this thread; the timeout only bounds how late a stop is seen.
+            std::thread::park_timeout(std::time::Duration::from_millis(50));
+            continue;
+        }
         let ready = epoll.wait(50, &mut events).unwrap_or(0);
         let Some(t) = transport.upgrade() else {
             break;

@@ -219,6 +219,9 @@ impl MicroVm {
         self.devices
             .pause_events
             .store(false, std::sync::atomic::Ordering::Release);
+        for t in &self.devices.event_threads {
+            t.thread().unpark();
+        }
         self.broadcast(VcpuCommand::Resume, |e| matches!(e, VcpuEvent::Resumed))?;
         self.paused = false;
         Ok(())
@@ -299,6 +302,9 @@ impl Drop for MicroVm {
         self.devices
             .stop_events
             .store(true, std::sync::atomic::Ordering::Release);
+        for t in &self.devices.event_threads {
+            t.thread().unpark();
+        }
         for t in self.devices.event_threads.drain(..) {
             let _ = t.join();
         }
