@@ -12,10 +12,7 @@ use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::bus::{Bus, BusAction, BusDevice, SharedDevice};
-use vmm::devices::legacy::exit::EXIT_PORT;
-use vmm::devices::legacy::ExitDevice;
-use vmm::vstate::vcpu::{kick_signal, Vcpu, VcpuCommand, VcpuEvent};
-use vmm_sys_util::signal::Killable;
+use vmm::vstate::vcpu::{Vcpu, VcpuCommand, VcpuEvent};
 
 const GATE_PORT: u16 = 0x510;
 const VALUE: u8 = 0x5a;
@@ -47,9 +44,7 @@ fn a_vcpu_paused_after_a_port_read_is_saved_past_it() {
     let (vm, entry) = common::hand_built_vm(&kernel);
     let (reading_tx, reading) = channel();
     let (go, go_rx) = channel();
-    let mut pio = Bus::default();
-    let exit: SharedDevice = Arc::new(Mutex::new(ExitDevice));
-    pio.insert(u64::from(EXIT_PORT), 4, exit).unwrap();
+    let mut pio = common::exit_port_bus();
     let gate: SharedDevice = Arc::new(Mutex::new(Gate {
         reading: reading_tx,
         go: go_rx,
@@ -102,10 +97,5 @@ fn a_vcpu_paused_after_a_port_read_is_saved_past_it() {
         VcpuEvent::Stopped(Ok(stop)) => assert_eq!(stop, vmm::GuestStop::Exit(VALUE.into())),
         _ => panic!("the guest did not exit"),
     }
-    let _ = commands.send(VcpuCommand::Stop);
-    while !thread.is_finished() {
-        let _ = thread.kill(kick_signal());
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    thread.join().unwrap();
+    common::stop_vcpu(&commands, thread);
 }

@@ -14,17 +14,14 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::mpsc::channel;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm::devices::bus::{Bus, SharedDevice};
-use vmm::devices::legacy::exit::EXIT_PORT;
-use vmm::devices::legacy::ExitDevice;
+use vmm::devices::bus::Bus;
 use vmm::persist::{MicroVmState, RestoreSpec};
-use vmm::vstate::vcpu::{kick_signal, readable_msrs, Vcpu, VcpuCommand, VcpuEvent, VcpuState};
+use vmm::vstate::vcpu::{readable_msrs, Vcpu, VcpuEvent, VcpuState};
 use vmm::{GuestStop, MicroVm, VmConfig};
-use vmm_sys_util::signal::Killable;
 
 /// smp.c's mailboxes: the host opens a gate, reads the turn count, gives the vCPU count,
 /// sees which gate the BSP waits at, and chooses the gate it holds at.
@@ -274,10 +271,7 @@ const SIPI_STUB_STARTS: u64 = SIPI_STUB + 0x800;
 
 /// Port I/O with only the exit port; no MMIO devices.
 fn exit_port_buses() -> (Arc<Bus>, Arc<Bus>) {
-    let mut pio = Bus::default();
-    let exit: SharedDevice = Arc::new(Mutex::new(ExitDevice));
-    pio.insert(u64::from(EXIT_PORT), 4, exit).unwrap();
-    (Arc::new(pio), Arc::new(Bus::default()))
+    (Arc::new(common::exit_port_bus()), Arc::new(Bus::default()))
 }
 
 /// Runs `vcpu` on its thread until `done` says so (or the guest stops), then stops it.
@@ -295,12 +289,7 @@ fn run_until(vcpu: Vcpu, mut done: impl FnMut() -> bool) -> Option<GuestStop> {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    let _ = commands.send(VcpuCommand::Stop);
-    while !thread.is_finished() {
-        let _ = thread.kill(kick_signal());
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    thread.join().unwrap();
+    common::stop_vcpu(&commands, thread);
     stop
 }
 

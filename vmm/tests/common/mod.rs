@@ -144,3 +144,27 @@ pub fn hand_built_vm(kernel: &Path) -> (vmm::vstate::vm::Vm, u64) {
     vmm::arch::x86_64::boot::write_page_tables(&mem).unwrap();
     (vmm::vstate::vm::Vm::new(mem).unwrap(), entry)
 }
+
+/// A port I/O bus holding only the exit port, for hand-built VMs (add devices to it).
+pub fn exit_port_bus() -> vmm::devices::bus::Bus {
+    let mut pio = vmm::devices::bus::Bus::default();
+    let exit: vmm::devices::bus::SharedDevice =
+        std::sync::Arc::new(std::sync::Mutex::new(vmm::devices::legacy::ExitDevice));
+    pio.insert(u64::from(vmm::devices::legacy::exit::EXIT_PORT), 4, exit)
+        .unwrap();
+    pio
+}
+
+/// Tells a vCPU thread to stop, kicking it out of KVM_RUN until it has, and joins it.
+pub fn stop_vcpu(
+    commands: &std::sync::mpsc::Sender<vmm::vstate::vcpu::VcpuCommand>,
+    thread: std::thread::JoinHandle<()>,
+) {
+    use vmm_sys_util::signal::Killable;
+    let _ = commands.send(vmm::vstate::vcpu::VcpuCommand::Stop);
+    while !thread.is_finished() {
+        let _ = thread.kill(vmm::vstate::vcpu::kick_signal());
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    thread.join().unwrap();
+}
