@@ -70,6 +70,34 @@ pub fn read_readable(
     Ok(bytes)
 }
 
+/// Total room in a validated chain of receive buffers, which must all be device-writable.
+pub fn writable_capacity(descs: &[Descriptor]) -> Result<usize, ChainError> {
+    if descs.iter().any(|d| !d.is_write_only()) {
+        return Err(ChainError::Missing("device-writable rx buffer"));
+    }
+    Ok(descs.iter().map(|d| d.len() as usize).sum())
+}
+
+/// Writes `bytes` across a validated chain's buffers in order; the caller checked the room
+/// with [`writable_capacity`].
+pub fn write_writable(
+    descs: &[Descriptor],
+    mem: &GuestMemoryMmap,
+    bytes: &[u8],
+) -> Result<(), ChainError> {
+    let mut rest = bytes;
+    for d in descs {
+        if rest.is_empty() {
+            break;
+        }
+        let n = rest.len().min(d.len() as usize);
+        mem.write_slice(&rest[..n], d.addr())
+            .map_err(|_| ChainError::Missing("device-writable rx buffer"))?;
+        rest = &rest[n..];
+    }
+    Ok(())
+}
+
 /// Walks a chain and checks every descriptor; returns the descriptors in order.
 pub fn validate(
     chain: DescriptorChain<&GuestMemoryMmap>,

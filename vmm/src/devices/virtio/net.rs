@@ -10,7 +10,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::Epoll;
 
 use super::chain::{self, ChainError};
@@ -231,10 +231,7 @@ impl Net {
                 self.pending = Some(frame);
                 break;
             };
-            if descs.iter().any(|d| !d.is_write_only()) {
-                return Err(ChainError::Missing("device-writable rx buffer"));
-            }
-            let room: usize = descs.iter().map(|d| d.len() as usize).sum();
+            let room = chain::writable_capacity(&descs)?;
             if room < frame.len() {
                 // Without mergeable buffers the guest must post buffers that fit a frame;
                 // one that does not is dropped rather than truncated.
@@ -243,16 +240,7 @@ impl Net {
                 used = true;
                 continue;
             }
-            let mut rest = &frame[..];
-            for d in &descs {
-                if rest.is_empty() {
-                    break;
-                }
-                let n = rest.len().min(d.len() as usize);
-                mem.write_slice(&rest[..n], d.addr())
-                    .map_err(|_| ChainError::Missing("device-writable rx buffer"))?;
-                rest = &rest[n..];
-            }
+            chain::write_writable(&descs, mem, &frame)?;
             rxq.add_used(mem, index, frame.len() as u32)
                 .map_err(|e| ChainError::UsedRing(format!("{e:?}")))?;
             used = true;

@@ -453,7 +453,7 @@ impl Vsock {
                 self.rx.push_front((h, payload));
                 break;
             };
-            let room = rx_capacity(&descs)?;
+            let room = chain::writable_capacity(&descs)?;
             if room < HDR_LEN || (room == HDR_LEN && !payload.is_empty()) {
                 return Err(ChainError::Missing("rx buffer large enough for a packet"));
             }
@@ -463,7 +463,7 @@ impl Vsock {
             h.len = fits as u32;
             let mut bytes = h.encode().to_vec();
             bytes.extend_from_slice(&payload);
-            write_packet(&descs, mem, &bytes)?;
+            chain::write_writable(&descs, mem, &bytes)?;
             rxq.add_used(mem, index, bytes.len() as u32)
                 .map_err(|e| ChainError::UsedRing(format!("{e:?}")))?;
             used = true;

@@ -2,7 +2,7 @@
 //! buffers and host memory.
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 use crate::devices::virtio::chain::{self, ChainError};
 
@@ -88,33 +88,6 @@ pub fn read_packet(
     let payload_len = (hdr.len as usize).min(bytes.len() - HDR_LEN);
     let payload = bytes[HDR_LEN..HDR_LEN + payload_len].to_vec();
     Ok((hdr, payload))
-}
-
-/// Total room in a validated rx chain (all descriptors must be device-writable).
-pub fn rx_capacity(descs: &[Descriptor]) -> Result<usize, ChainError> {
-    if descs.iter().any(|d| !d.is_write_only()) {
-        return Err(ChainError::Missing("device-writable rx buffer"));
-    }
-    Ok(descs.iter().map(|d| d.len() as usize).sum())
-}
-
-/// Writes `bytes` across the rx chain's buffers; the caller checked the capacity.
-pub fn write_packet(
-    descs: &[Descriptor],
-    mem: &GuestMemoryMmap,
-    bytes: &[u8],
-) -> Result<(), ChainError> {
-    let mut rest = bytes;
-    for d in descs {
-        if rest.is_empty() {
-            break;
-        }
-        let n = rest.len().min(d.len() as usize);
-        mem.write_slice(&rest[..n], d.addr())
-            .map_err(|_| ChainError::Missing("device-writable rx buffer"))?;
-        rest = &rest[n..];
-    }
-    Ok(())
 }
 
 #[cfg(test)]
