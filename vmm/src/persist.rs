@@ -235,7 +235,7 @@ impl MicroVm {
         // Both files are written under temporary names and renamed into place. Never
         // rewritten in place: clones (this VM among them, if it is one) map the memory file
         // MAP_PRIVATE, and truncating it under them would drop their pages (SIGBUS).
-        let mem_tmp = temp_name(mem_path);
+        let mem_tmp = temp_name(mem_path, &snapshot_id);
         let mut mem_file = File::options()
             .read(true)
             .write(true)
@@ -255,7 +255,7 @@ impl MicroVm {
                     .map_err(io("writing the trailer of", &mem_tmp))
             })
             .and_then(|()| {
-                let state_tmp = temp_name(state_path);
+                let state_tmp = temp_name(state_path, &snapshot_id);
                 let mut f = File::create(&state_tmp).map_err(io("creating", &state_tmp))?;
                 f.write_all(&encode_state(&state))
                     .and_then(|()| f.sync_all())
@@ -265,7 +265,7 @@ impl MicroVm {
             });
         if written.is_err() {
             let _ = std::fs::remove_file(&mem_tmp);
-            let _ = std::fs::remove_file(temp_name(state_path));
+            let _ = std::fs::remove_file(temp_name(state_path, &snapshot_id));
         }
         written
     }
@@ -283,9 +283,15 @@ fn random_id() -> Result<[u8; 16], SnapshotError> {
     Ok(id)
 }
 
-/// `<path>.tmp`, beside the file it will replace (a rename stays on one filesystem).
-fn temp_name(path: &Path) -> PathBuf {
+/// `<path>.<id>.tmp`, beside the file it will replace (a rename stays on one filesystem);
+/// unique per snapshot, so neither a leftover from a crash nor a concurrent snapshot to the
+/// same path gets in the way.
+fn temp_name(path: &Path, snapshot_id: &[u8; 16]) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
+    name.push(".");
+    for b in &snapshot_id[..8] {
+        name.push(format!("{b:02x}"));
+    }
     name.push(".tmp");
     PathBuf::from(name)
 }

@@ -349,6 +349,12 @@ fn snapshotting_over_a_snapshot_in_use_leaves_its_clones_running() {
     clone.pause().unwrap();
     // Onto the very files the clone came from.
     clone.snapshot(&snap.mem, &snap.state).unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(&snap.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     clone.resume().unwrap();
     assert_eq!(
         clone.wait(Duration::from_secs(60)).unwrap(),
