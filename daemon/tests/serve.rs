@@ -168,3 +168,67 @@ fn sessions_limits_cooldown_persistence_and_shutdown() {
     phase("stopped again");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The init helpers of a daemon's sandboxes (jail-init processes it started).
+fn init_helpers(daemon: u32) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // pid (comm) state ppid ...: the comm may hold spaces, the rest follows its ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if ppid == Some(daemon) && String::from_utf8_lossy(&cmdline).contains("jail-init") {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn sandboxes_die_with_a_killed_daemon() {
+    let Some((rootfs, agent)) = environment() else {
+        return;
+    };
+    let dir = PathBuf::from(format!("/tmp/sessiond-killed-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut d = Daemon::start(&dir, &rootfs, &agent, 2_600_000, POOLS, READ_TIMEOUT);
+    // A session, and the ready sandbox the pool keeps.
+    let r = d.exec("victim", "1 + 1");
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut helpers = init_helpers(d.child.id());
+    while helpers.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "sandboxes never started: {helpers:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        helpers = init_helpers(d.child.id());
+    }
+    // No shutdown at all: the daemon is killed outright.
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let alive = |pids: &[i32]| -> Vec<i32> {
+        pids.iter()
+            .copied()
+            .filter(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+            .collect()
+    };
+    while !alive(&helpers).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "init helpers outlived the daemon: {:?}",
+            alive(&helpers)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

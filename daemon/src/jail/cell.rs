@@ -301,9 +301,10 @@ impl Cell {
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
-        // SAFETY: the closure only calls async-signal-safe functions (dup2, setsid) on
-        // descriptors that stay open in the parent until spawn returns; `raw` was
-        // allocated before fork.
+        let daemon = std::process::id() as libc::pid_t;
+        // SAFETY: the closure only calls async-signal-safe functions (dup2, setsid, prctl,
+        // getppid) on descriptors that stay open in the parent until spawn returns; `raw`
+        // was allocated before fork.
         unsafe {
             cmd.pre_exec(move || {
                 for &(fd, target) in &raw {
@@ -313,6 +314,17 @@ impl Cell {
                 }
                 if libc::setsid() < 0 {
                     return Err(io::Error::last_os_error());
+                }
+                // If the daemon dies (even of SIGKILL), the helper gets SIGTERM and takes
+                // its sandbox or VM down, as on a destroy. The signal follows the thread
+                // that forked: a tokio worker or the main thread, both of which live as
+                // long as the daemon's runtime. Checked after arming, in case the daemon
+                // died in between.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::getppid() != daemon {
+                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 Ok(())
             });
