@@ -27,12 +27,18 @@ static void report(const char *name)
     serial_puts(vq0.used->idx != vq0.last_used ? " used\n" : "\n");
 }
 
-static int valid_read(void)
+/* Lays out a read of sector 0 into `len` bytes at `data`: header, data, status. */
+static void read_chain(u64 data, u32 len)
 {
     header(0, 0);
     vq_desc(&vq0, 0, (u64)HDR, 16, VRING_DESC_F_NEXT, 1);
-    vq_desc(&vq0, 1, (u64)DATA, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2);
+    vq_desc(&vq0, 1, data, len, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2);
     vq_desc(&vq0, 2, (u64)STATUS, 1, VRING_DESC_F_WRITE, 0);
+}
+
+static int valid_read(void)
+{
+    read_chain((u64)DATA, 512);
     vq_submit(DEV, &vq0, 0);
     return vq_wait(DEV, &vq0) && *STATUS == 0;
 }
@@ -51,10 +57,7 @@ void main(void)
         guest_exit(1);
 
     /* 1: data buffer far outside guest memory. */
-    header(0, 0);
-    vq_desc(&vq0, 0, (u64)HDR, 16, VRING_DESC_F_NEXT, 1);
-    vq_desc(&vq0, 1, 0x7fff00000000UL, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2);
-    vq_desc(&vq0, 2, (u64)STATUS, 1, VRING_DESC_F_WRITE, 0);
+    read_chain(0x7fff00000000UL, 512);
     vq_submit(DEV, &vq0, 0);
     report("out_of_range");
     recover();
@@ -68,19 +71,13 @@ void main(void)
     recover();
 
     /* 3: an oversized length running off the end of guest memory. */
-    header(0, 0);
-    vq_desc(&vq0, 0, (u64)HDR, 16, VRING_DESC_F_NEXT, 1);
-    vq_desc(&vq0, 1, (u64)DATA, 0xfffff000U, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2);
-    vq_desc(&vq0, 2, (u64)STATUS, 1, VRING_DESC_F_WRITE, 0);
+    read_chain((u64)DATA, 0xfffff000U);
     vq_submit(DEV, &vq0, 0);
     report("oversized");
     recover();
 
     /* 3b: a length inside guest memory but beyond what one request may carry (32 MiB). */
-    header(0, 0);
-    vq_desc(&vq0, 0, (u64)HDR, 16, VRING_DESC_F_NEXT, 1);
-    vq_desc(&vq0, 1, 0x1000000UL, 0x2000000U, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2);
-    vq_desc(&vq0, 2, (u64)STATUS, 1, VRING_DESC_F_WRITE, 0);
+    read_chain(0x1000000UL, 0x2000000U);
     vq_submit(DEV, &vq0, 0);
     report("too_big");
     recover();
@@ -93,10 +90,7 @@ void main(void)
     recover();
 
     /* 5: the available index jumps far past what the queue can hold. */
-    header(0, 0);
-    vq_desc(&vq0, 0, (u64)HDR, 16, VRING_DESC_F_NEXT, 1);
-    vq_desc(&vq0, 1, (u64)DATA, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2);
-    vq_desc(&vq0, 2, (u64)STATUS, 1, VRING_DESC_F_WRITE, 0);
+    read_chain((u64)DATA, 512);
     vq0.avail->idx = vq0.avail->idx + 1000;
     mmio_write(DEV, R_QUEUE_NOTIFY, 0);
     report("avail_jump");
