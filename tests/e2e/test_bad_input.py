@@ -165,18 +165,23 @@ def test_oversized_upload_with_content_length(daemon, py, sessions):
     assert "big.bin" not in py.list_files(ident)
 
 
-def test_oversized_upload_streamed_chunked(daemon, py, sessions):
-    ident = sessions.new(py)
-    py.run(ident, "1")
-    ctype, body = multipart_stream("big.bin", 129 << 20)
-    r = raw_request(
+def upload_streamed(daemon, ident, name, size, timeout):
+    """Uploads `size` zero bytes as `name` to pool py, chunked, without buffering them."""
+    ctype, body = multipart_stream(name, size)
+    return raw_request(
         daemon.port,
         "POST",
         f"/pools/py/files/upload?identifier={quote(ident)}&api-version={GEN1}",
         headers={"Authorization": f"Bearer {daemon.api_key}", "Content-Type": ctype},
         body=body,
-        timeout=120,
+        timeout=timeout,
     )
+
+
+def test_oversized_upload_streamed_chunked(daemon, py, sessions):
+    ident = sessions.new(py)
+    py.run(ident, "1")
+    r = upload_streamed(daemon, ident, "big.bin", 129 << 20, timeout=120)
     assert r.status == 413, r.body[:300]
     assert r.json()["error"]["code"] == "PayloadTooLarge", r.body
     # No partial file is left behind, and the session still works.
@@ -189,15 +194,7 @@ def test_upload_just_under_the_limit_streams(daemon, tcp, sessions):
     # twice; the hostile pool's 64 MiB disk is too small, so use py.
     api = Api(tcp, "py")
     ident = sessions.new(api)
-    ctype, body = multipart_stream("large.bin", 100 << 20)
-    r = raw_request(
-        daemon.port,
-        "POST",
-        f"/pools/py/files/upload?identifier={quote(ident)}&api-version={GEN1}",
-        headers={"Authorization": f"Bearer {daemon.api_key}", "Content-Type": ctype},
-        body=body,
-        timeout=300,
-    )
+    r = upload_streamed(daemon, ident, "large.bin", 100 << 20, timeout=300)
     assert r.status == 200, r.body[:300]
     assert api.list_files(ident)["large.bin"] == 100 << 20
     # And back, streamed.
